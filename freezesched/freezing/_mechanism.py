@@ -1,0 +1,391 @@
+"""The one mechanism that freezes a module and undoes it exactly.
+
+Freezing a module ``m`` means, until the hold is released:
+
+* every parameter of ``m`` (except named trainable exceptions) has
+  ``requires_grad=False`` and ``.grad is None``, so no optimizer step can move it;
+* ``m``'s forward runs under :func:`torch.no_grad` whenever nothing flowing into it
+  (inputs, or parameters still trainable inside it) requires grad, so no activations
+  are kept for backward; otherwise autograd runs normally and computes input
+  gradients only;
+* BatchNorm-like and dropout layers follow a mode policy (``"eval"`` pins them to eval
+  mode, surviving ``model.train()``; ``"train"`` leaves them alone).
+
+Holds are reference-counted per parameter and per module, so overlapping freezes
+(``backbone`` and ``backbone.layer1``, or two guards) combine as a union: an object is
+frozen while at least one hold is active, and returns to exactly the state it had
+before the first hold when the last one is released, in whatever order they end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
+
+__all__ = ["FreezePolicy", "ModePolicy", "TrainableSpec"]
+
+ModePolicy = Literal["eval", "train"]
+TrainableSpec = str | type[nn.Module]
+
+_MODE_POLICIES = ("eval", "train")
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+@dataclass(frozen=True)
+class FreezePolicy:
+    """How a frozen module behaves; shared by the guard and the controller.
+
+    Args:
+        bn: ``"eval"`` (default) pins BatchNorm/InstanceNorm layers of a frozen module to
+            eval mode, so their running statistics (buffers) stay bitwise unchanged even
+            if ``model.train()`` is called while frozen; ``"train"`` leaves their mode
+            alone, so running statistics keep updating in training mode.
+        dropout: ``"eval"`` (default) pins ``nn.Dropout*`` layers of a frozen module to
+            eval mode (a frozen module is a deterministic feature extractor);
+            ``"train"`` leaves their mode alone (frozen features with dropout noise).
+            Functional dropout inside other modules (e.g. ``nn.MultiheadAttention``)
+            follows that module's own mode.
+        trainable: Exceptions that stay trainable inside a frozen module: glob patterns
+            (:func:`fnmatch.fnmatchcase`, ``*`` also matches dots) on qualified names
+            relative to the frozen module, and module types. A pattern matching a
+            submodule's name, or a type matching it, exempts that whole submodule
+            (parameters and mode); a pattern matching a parameter's name exempts that
+            parameter. Exempt parameters keep their own ``requires_grad``.
+
+    Raises:
+        ValueError: ``bn`` or ``dropout`` is not ``"eval"`` or ``"train"``.
+        TypeError: an entry of ``trainable`` is neither a string nor a module type.
+
+    Examples:
+        >>> FreezePolicy(bn="train", trainable=("*adapter*", nn.LayerNorm)).bn
+        'train'
+    """
+
+    bn: ModePolicy = "eval"
+    dropout: ModePolicy = "eval"
+    trainable: tuple[TrainableSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("bn", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in _MODE_POLICIES:
+                raise ValueError(f"{name} must be 'eval' or 'train', got {_describe(value)}")
+        given: object = self.trainable
+        if isinstance(given, str | type) or not isinstance(given, Iterable):
+            raise TypeError(
+                "trainable must be a sequence of name patterns and module types, "
+                f"got {_describe(given)}"
+            )
+        specs = tuple(given)
+        for i, spec in enumerate(specs):
+            if isinstance(spec, str):
+                continue
+            if not (isinstance(spec, type) and issubclass(spec, nn.Module)):
+                raise TypeError(
+                    f"trainable[{i}] must be a name pattern (str) or an nn.Module subclass, "
+                    f"got {_describe(spec)}"
+                )
+        object.__setattr__(self, "trainable", specs)
+
+
+# ---------------------------------------------------------------------------------------
+# Planning: read-only; decides what a hold will touch and validates before any mutation.
+
+
+@dataclass
+class _Plan:
+    module: nn.Module
+    params: list[nn.Parameter]
+    pinned: list[nn.Module]
+    matched: set[int]  # indices into policy.trainable that matched something
+
+
+def _matches(name: str, module: nn.Module | None, specs: tuple[TrainableSpec, ...]) -> set[int]:
+    hits = set()
+    for i, spec in enumerate(specs):
+        if isinstance(spec, str):
+            if name and fnmatch.fnmatchcase(name, spec):
+                hits.add(i)
+        elif module is not None and isinstance(module, spec):
+            hits.add(i)
+    return hits
+
+
+def plan_freeze(module: nn.Module, policy: FreezePolicy) -> _Plan:
+    """Work out what freezing ``module`` under ``policy`` touches, without touching it."""
+    specs = policy.trainable
+    matched: set[int] = set()
+    exempt_prefixes: list[str] = []
+    pinned: list[nn.Module] = []
+    for name, sub in module.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in exempt_prefixes):
+            continue
+        hits = _matches(name, sub, specs)
+        if hits:
+            matched |= hits
+            exempt_prefixes.append(name)
+            continue
+        if (policy.bn == "eval" and isinstance(sub, _NormBase)) or (
+            policy.dropout == "eval" and isinstance(sub, _DropoutNd)
+        ):
+            pinned.append(sub)
+
+    def exempt(name: str) -> bool:
+        module_name = name.rpartition(".")[0]
+        return any(module_name == p or module_name.startswith(p + ".") for p in exempt_prefixes)
+
+    exempt_ids: set[int] = set()
+    seen: dict[int, nn.Parameter] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(param), param)
+        hits = _matches(name, None, specs)
+        matched |= hits
+        if hits or exempt(name):
+            exempt_ids.add(id(param))
+    params = [p for key, p in seen.items() if key not in exempt_ids]
+    return _Plan(module=module, params=params, pinned=pinned, matched=matched)
+
+
+def check_patterns_matched(policy: FreezePolicy, plans: Iterable[_Plan], where: str) -> None:
+    """Raise if an entry of ``policy.trainable`` matched nothing in any planned module."""
+    matched: set[int] = set()
+    for plan in plans:
+        matched |= plan.matched
+    missing = [spec for i, spec in enumerate(policy.trainable) if i not in matched]
+    if missing:
+        raise ValueError(
+            f"trainable entries must each match a submodule, parameter or module type in "
+            f"{where}; these matched nothing: {missing!r}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The ledger: reference-counted holds on parameters and modules.
+
+
+@dataclass
+class _ParamHold:
+    param: nn.Parameter
+    requires_grad: bool
+    count: int = 0
+
+
+@dataclass
+class _ModeHold:
+    module: nn.Module
+    requested: bool  # the mode last asked for by module.train()/eval(); restored at the end
+    own_train: Any  # an instance attribute `train` that existed before, or _MISSING
+    count: int = 0
+
+
+@dataclass
+class _ForwardHold:
+    module: nn.Module
+    own_forward: Any  # an instance attribute `forward` that existed before, or _MISSING
+    wrapper: Callable[..., Any]
+    count: int = 0
+
+
+_MISSING = object()
+_PARAMS: dict[int, _ParamHold] = {}
+_MODES: dict[int, _ModeHold] = {}
+_FORWARDS: dict[int, _ForwardHold] = {}
+
+
+def is_frozen(param: torch.Tensor) -> bool:
+    """Whether ``param`` is currently held frozen by freezesched (a guard or controller).
+
+    Examples:
+        >>> from freezesched import FrozenStageGuard, Constant
+        >>> layer = nn.Linear(2, 2)
+        >>> with FrozenStageGuard(Constant(True))(layer, 0):
+        ...     is_frozen(layer.weight)
+        True
+        >>> is_frozen(layer.weight)
+        False
+    """
+    return id(param) in _PARAMS
+
+
+def _hold_param(param: nn.Parameter) -> None:
+    hold = _PARAMS.get(id(param))
+    if hold is None:
+        hold = _PARAMS[id(param)] = _ParamHold(param, param.requires_grad)
+    hold.count += 1
+    param.requires_grad_(False)
+    # A stale (even all-zero) .grad would let weight decay and momentum move the weight.
+    param.grad = None
+
+
+def _release_param(param: nn.Parameter) -> bool:
+    """Drop one hold; return True if the parameter is free again."""
+    hold = _PARAMS[id(param)]
+    hold.count -= 1
+    if hold.count:
+        return False
+    del _PARAMS[id(param)]
+    param.requires_grad_(hold.requires_grad)
+    return True
+
+
+def _pinned_train(hold: _ModeHold) -> Callable[[bool], nn.Module]:
+    def train(mode: bool = True) -> nn.Module:
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean, got {_describe(mode)}")
+        hold.requested = mode  # remembered, applied when the hold ends
+        return hold.module
+
+    return train
+
+
+def _hold_mode(module: nn.Module) -> None:
+    hold = _MODES.get(id(module))
+    if hold is None:
+        own = module.__dict__.get("train", _MISSING)
+        hold = _MODES[id(module)] = _ModeHold(module, module.training, own)
+        module.training = False
+        # An instance attribute shadows nn.Module.train, so model.train() reaches it.
+        module.__dict__["train"] = _pinned_train(hold)
+    hold.count += 1
+
+
+def _release_mode(module: nn.Module) -> None:
+    hold = _MODES[id(module)]
+    hold.count -= 1
+    if hold.count:
+        return
+    del _MODES[id(module)]
+    if hold.own_train is _MISSING:
+        module.__dict__.pop("train", None)
+    else:
+        module.__dict__["train"] = hold.own_train
+    module.training = hold.requested
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def _may_require_grad(obj: object) -> bool:
+    """Whether ``obj`` holds a tensor that requires grad; unknown objects count as yes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if isinstance(obj, _PLAIN):
+        return False
+    if isinstance(obj, list | tuple):
+        return any(_may_require_grad(x) for x in obj)
+    if isinstance(obj, Mapping):
+        return any(_may_require_grad(x) for x in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return any(_may_require_grad(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    # Something we cannot look into may carry a tensor that needs a graph: keep autograd on
+    # (correct, only less memory-efficient) rather than silently cutting gradients.
+    return True
+
+
+def _no_grad_forward(module: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+    params = list(module.parameters())
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and not (
+            any(p.requires_grad for p in params)
+            or _may_require_grad(args)
+            or _may_require_grad(kwargs)
+        ):
+            with torch.no_grad():
+                return inner(*args, **kwargs)
+        return inner(*args, **kwargs)
+
+    return forward
+
+
+def _hold_forward(module: nn.Module) -> None:
+    hold = _FORWARDS.get(id(module))
+    if hold is None:
+        own = module.__dict__.get("forward", _MISSING)
+        wrapper = _no_grad_forward(module, module.forward)
+        hold = _FORWARDS[id(module)] = _ForwardHold(module, own, wrapper)
+        module.__dict__["forward"] = wrapper
+    hold.count += 1
+
+
+def _release_forward(module: nn.Module) -> None:
+    hold = _FORWARDS[id(module)]
+    hold.count -= 1
+    if hold.count:
+        return
+    del _FORWARDS[id(module)]
+    if module.__dict__.get("forward") is not hold.wrapper:
+        warnings.warn(
+            f"{type(module).__name__}.forward was replaced while the module was frozen; "
+            "freezesched leaves the replacement in place",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    if hold.own_forward is _MISSING:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = hold.own_forward
+
+
+class FreezeHandle:
+    """One active hold on a module; :meth:`release` undoes it (idempotent)."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.module = plan.module
+        self.params = tuple(plan.params)
+        self._pinned = tuple(plan.pinned)
+        self._active = False
+
+    def _acquire(self) -> None:
+        # Holds cannot fail half-way for valid plans, but keep the ledger consistent anyway.
+        done: list[Callable[[], object]] = []
+        try:
+            for param in self.params:
+                _hold_param(param)
+                done.append(functools.partial(_release_param, param))
+            for sub in self._pinned:
+                _hold_mode(sub)
+                done.append(functools.partial(_release_mode, sub))
+            _hold_forward(self.module)
+        except BaseException:
+            for undo in reversed(done):
+                undo()
+            raise
+        self._active = True
+
+    @property
+    def active(self) -> bool:
+        """Whether this hold is still in force."""
+        return self._active
+
+    def release(self) -> list[nn.Parameter]:
+        """Undo this hold; return the parameters that became free (not held elsewhere)."""
+        if not self._active:
+            return []
+        self._active = False
+        _release_forward(self.module)
+        for sub in reversed(self._pinned):
+            _release_mode(sub)
+        return [p for p in reversed(self.params) if _release_param(p)]
+
+
+def freeze(plan: _Plan) -> FreezeHandle:
+    """Apply a plan made by :func:`plan_freeze`; the returned handle undoes it."""
+    handle = FreezeHandle(plan)
+    handle._acquire()
+    return handle
