@@ -138,7 +138,7 @@ class FreezeController:
         for i, opt in enumerate(optimizers):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"optimizers[{i}] must be a torch Optimizer, got {_describe(opt)}")
-        self.policy = FreezePolicy(bn=bn, dropout=dropout, trainable=tuple(trainable))
+        self.policy = FreezePolicy(bn=bn, dropout=dropout, trainable=trainable)
         self.on_unfreeze: OptimizerPolicy = on_unfreeze
         self.optimizers = tuple(optimizers)
         self.model = model

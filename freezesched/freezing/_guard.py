@@ -138,7 +138,7 @@ class FrozenStageGuard:
         trainable: Sequence[TrainableSpec] = (),
     ) -> None:
         self.schedule = check_schedule(schedule)
-        self.policy = FreezePolicy(bn=bn, dropout=dropout, trainable=tuple(trainable))
+        self.policy = FreezePolicy(bn=bn, dropout=dropout, trainable=trainable)
 
     def __repr__(self) -> str:
         p = self.policy

@@ -23,7 +23,7 @@ import dataclasses
 import fnmatch
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -76,7 +76,7 @@ class FreezePolicy:
 
     bn: ModePolicy = "eval"
     dropout: ModePolicy = "eval"
-    trainable: tuple[TrainableSpec, ...] = ()
+    trainable: Sequence[TrainableSpec] = ()
 
     def __post_init__(self) -> None:
         for name in ("bn", "dropout"):
@@ -113,7 +113,7 @@ class _Plan:
     matched: set[int]  # indices into policy.trainable that matched something
 
 
-def _matches(name: str, module: nn.Module | None, specs: tuple[TrainableSpec, ...]) -> set[int]:
+def _matches(name: str, module: nn.Module | None, specs: Sequence[TrainableSpec]) -> set[int]:
     hits = set()
     for i, spec in enumerate(specs):
         if isinstance(spec, str):
@@ -131,11 +131,11 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> _Plan:
     exempt_prefixes: list[str] = []
     pinned: list[nn.Module] = []
     for name, sub in module.named_modules():
+        hits = _matches(name, sub, specs)
+        matched |= hits  # count matches inside exempt subtrees too
         if any(name == p or name.startswith(p + ".") for p in exempt_prefixes):
             continue
-        hits = _matches(name, sub, specs)
         if hits:
-            matched |= hits
             exempt_prefixes.append(name)
             continue
         if (policy.bn == "eval" and isinstance(sub, _NormBase)) or (

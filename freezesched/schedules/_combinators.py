@@ -88,12 +88,15 @@ class _Variadic(BinarySchedule):
     def __init__(self, *schedules: BinarySchedule) -> None:
         object.__setattr__(self, "schedules", _binary_tuple(schedules, "schedules"))
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.schedules))})"
+
     @classmethod
     def _from_config_kwargs(cls, kwargs: dict[str, Any]) -> Schedule:
         return cls(*kwargs.get("schedules", ()))
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, repr=False)
 class And(_Variadic):
     """Frozen iff *every* child is frozen (``a & b``).
 
@@ -112,7 +115,7 @@ class And(_Variadic):
         return out
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, repr=False)
 class Or(_Variadic):
     """Frozen iff *any* child is frozen (``a | b``).
 

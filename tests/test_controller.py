@@ -1,0 +1,301 @@
+"""FreezeController: idempotent apply, optimizer-state policy, state dicts and resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from helpers import bitwise_equal, changed, flags, loss_fn, make_net, tensors
+
+from freezesched import (
+    Constant,
+    FreezeController,
+    FrozenStageGuard,
+    Layerwise,
+    Step,
+    WarmupThenFreeze,
+    is_frozen,
+)
+
+
+def test_apply_is_idempotent_and_reports_state():
+    model = make_net()
+    ctrl = FreezeController(model, {"backbone": Step(2), "neck": Constant(False)})
+    assert ctrl.tick is None and ctrl.frozen == {"backbone": False, "neck": False}
+    state_after_first = None
+    for _ in range(3):
+        assert ctrl.apply(1) == {"backbone": True, "neck": False}
+        if state_after_first is None:
+            state_after_first = flags(model)
+        assert flags(model) == state_after_first
+    assert ctrl.apply(2) == {"backbone": False, "neck": False}
+    ctrl.release()
+
+
+def test_frozen_epochs_survive_model_train_and_many_steps():
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    ctrl = FreezeController(model, {"backbone": Step(3)}, optimizers=opt)
+    before = None
+    for epoch in range(3):
+        ctrl.apply(epoch)
+        if epoch == 1:
+            before = tensors(model.backbone)
+        for step in range(3):
+            model.train()  # trainers call this at the start of every epoch
+            loss_fn(model, 10 * epoch + step).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        if epoch == 0:
+            assert all(p.grad is not None for p in model.backbone.parameters())
+    assert bitwise_equal(tensors(model.backbone), before)
+    ctrl.apply(3)
+    assert all(p.requires_grad for p in model.parameters())
+    ctrl.release()
+
+
+@pytest.mark.parametrize(
+    ("policy", "opt_factory", "key"),
+    [
+        ("keep", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum_buffer"),
+        ("reset", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum_buffer"),
+        ("keep", lambda p: torch.optim.Adam(p, lr=0.01), "exp_avg"),
+        ("reset", lambda p: torch.optim.Adam(p, lr=0.01), "exp_avg"),
+    ],
+)
+def test_optimizer_state_policy_on_unfreeze(policy, opt_factory, key):
+    model = make_net()
+    opt = opt_factory(list(model.parameters()))
+    ctrl = FreezeController(model, {"backbone": Step(2)}, optimizers=opt, on_unfreeze=policy)
+    ctrl.apply(0)
+    loss_fn(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    w = model.backbone[0][0].weight
+    stale = opt.state[w][key].clone()
+    ctrl.apply(1)  # frozen: state untouched while frozen
+    assert torch.equal(opt.state[w][key], stale)
+    ctrl.apply(2)  # unfrozen again
+    if policy == "reset":
+        assert w not in opt.state
+        assert model.head.weight in opt.state  # only what was frozen is reset
+    else:
+        assert torch.equal(opt.state[w][key], stale)
+    ctrl.release()
+
+
+def test_reset_does_not_touch_parameters_still_frozen_elsewhere():
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn(model, 0).backward()
+    opt.step()
+    ctrl = FreezeController(
+        model, {"backbone": Step(2), "backbone.0": Constant(True)}, optimizers=opt,
+        on_unfreeze="reset",
+    )  # fmt: skip
+    ctrl.apply(1)
+    ctrl.apply(2)
+    assert model.backbone[0][0].weight in opt.state and is_frozen(model.backbone[0][0].weight)
+    assert model.backbone[1][0].weight not in opt.state
+    ctrl.release()
+
+
+def test_layerwise_targets_and_release_restores_exactly():
+    model = make_net()
+    before = flags(model)
+    names = ("backbone.0", "backbone.1", "backbone.2")
+    ctrl = FreezeController(model, {names: Layerwise.gradual_unfreeze(3, begin=1)})
+    assert ctrl.apply(0) == dict.fromkeys(names, True)
+    assert ctrl.apply(2) == {"backbone.0": True, "backbone.1": False, "backbone.2": False}
+    assert not model.backbone[0][0].weight.requires_grad
+    assert model.backbone[1][0].weight.requires_grad
+    ctrl.release()
+    assert flags(model) == before and ctrl.tick is None
+
+
+def test_overlapping_targets_unfreezing_in_any_order_restore_exactly():
+    model = make_net()
+    before = flags(model)
+    ctrl = FreezeController(model, {"backbone": Step(2), "backbone.0": WarmupThenFreeze(0)})
+    ctrl.apply(1)  # both frozen
+    ctrl.apply(2)  # the outer one unfreezes first, the inner stays frozen
+    assert not model.backbone[0][0].weight.requires_grad
+    assert model.backbone[0][1].training is False
+    assert model.backbone[1][0].weight.requires_grad
+    ctrl.release()
+    assert flags(model) == before
+
+
+def test_context_manager_releases_even_on_error():
+    model = make_net()
+    before = flags(model)
+    with pytest.raises(KeyError), FreezeController(model, {"backbone": Step(2)}) as ctrl:
+        ctrl.apply(1)
+        raise KeyError("training crashed")
+    assert flags(model) == before
+
+
+def test_schedules_may_be_config_dicts_and_plain_functions():
+    model = make_net()
+    ctrl = FreezeController(
+        model,
+        {"backbone": {"type": "WarmupThenFreeze", "warmup": 2, "then": {"type": "Step", "rho": 3}},
+         "neck": lambda epoch: epoch >= 1},
+    )  # fmt: skip
+    assert [ctrl.apply(t)["backbone"] for t in range(6)] == [False, False, False, True, True, False]
+    assert ctrl.frozen["neck"] is True
+    assert ctrl.state_dict()["targets"][1]["schedule"] is None
+    ctrl.release()
+
+
+# --- state dicts and resume -----------------------------------------------------------------
+
+
+def test_state_dict_is_versioned_plain_data():
+    model = make_net()
+    ctrl = FreezeController(model, {"backbone": Step(math.inf)}, on_unfreeze="reset")
+    ctrl.apply(4)
+    state = ctrl.state_dict()
+    assert state == {
+        "version": 1,
+        "tick": 4,
+        "on_unfreeze": "reset",
+        "targets": [{"modules": ["backbone"], "schedule": {"type": "Step", "rho": math.inf}}],
+    }
+    ctrl.release()
+
+
+def test_load_state_dict_rederives_the_freeze_state():
+    model = make_net()
+    ctrl = FreezeController(model, {"backbone": Step(3)})
+    ctrl.apply(4)
+    saved = ctrl.state_dict()
+    ctrl.release()
+    other = FreezeController(model, {"backbone": Step(3)})
+    other.load_state_dict(saved)
+    assert other.tick == 4 and other.frozen == {"backbone": True}
+    assert not model.backbone[0][0].weight.requires_grad
+    other.release()
+
+
+@pytest.mark.parametrize(
+    ("state", "fragment"),
+    [
+        ({"version": 99, "tick": 1}, "state['version'] must be 1, got 99"),
+        ([1, 2], "state['version'] must be 1, got [1, 2]"),
+        (
+            {"version": 1, "tick": 1, "targets": [{"modules": ["backbone"], "schedule": None}]},
+            "state['targets'] must equal this controller's modules and schedules",
+        ),
+    ],
+)
+def test_load_state_dict_rejects_mismatches(state, fragment):
+    model = make_net()
+    before = flags(model)
+    ctrl = FreezeController(model, {"backbone": Step(3)})
+    with pytest.raises(ValueError) as info:
+        ctrl.load_state_dict(state)
+    assert fragment in str(info.value)
+    assert flags(model) == before
+
+
+def _run(model, opt, ctrl, guard, epochs, steps):
+    for epoch in epochs:
+        ctrl.apply(epoch)
+        for step in range(steps):
+            with guard(model.neck, epoch * steps + step):
+                loss_fn(model, epoch * steps + step).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_resume_mid_run_is_bitwise_identical_to_an_uninterrupted_run(opt_name):
+    def build():
+        model = make_net(seed=3)
+        if opt_name == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ctrl = FreezeController(
+            model, {"backbone": WarmupThenFreeze(1, then=Step(2))}, optimizers=opt,
+            on_unfreeze="reset",
+        )  # fmt: skip
+        guard = FrozenStageGuard(Step(3))  # the neck, per iteration
+        return model, opt, ctrl, guard
+
+    epochs, steps, stop = 6, 2, 3
+    torch.manual_seed(0)
+    model, opt, ctrl, guard = build()
+    _run(model, opt, ctrl, guard, range(epochs), steps)
+    uninterrupted = tensors(model)
+    ctrl.release()
+
+    torch.manual_seed(0)
+    model, opt, ctrl, guard = build()
+    _run(model, opt, ctrl, guard, range(stop), steps)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "freeze": ctrl.state_dict(),
+         "rng": torch.get_rng_state()},
+        buffer,
+    )  # fmt: skip
+    ctrl.release()
+    del model, opt, ctrl, guard
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model, opt, ctrl, guard = build()
+    model.load_state_dict(checkpoint["model"])
+    ctrl.load_state_dict(checkpoint["freeze"])  # freeze first: it never touches optimizer state
+    opt.load_state_dict(checkpoint["opt"])
+    torch.set_rng_state(checkpoint["rng"])
+    _run(model, opt, ctrl, guard, range(stop, epochs), steps)
+    resumed = tensors(model)
+    ctrl.release()
+    assert bitwise_equal(resumed, uninterrupted), changed(resumed, uninterrupted)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"schedules": {"backbone.9": Step(2)}}, ValueError,
+         "schedules key 'backbone.9' must name a submodule of model"),
+        ({"schedules": {}}, TypeError, "schedules must be a non-empty mapping"),
+        ({"schedules": {3: Step(2)}}, TypeError, "schedules keys must be a submodule name"),
+        ({"schedules": {"backbone": 5}}, TypeError, "schedules['backbone'] must be a freezesched"),
+        ({"schedules": {("backbone.0", "backbone.1"): Layerwise.gradual_unfreeze(3)}},
+         ValueError, "has 3 stages and needs as many module names, got 2"),
+        ({"schedules": {"backbone": {"type": "Step", "rho": 0}}}, ValueError, "rho must be"),
+        ({"schedules": {"backbone": Step(2)}, "on_unfreeze": "zero"}, ValueError,
+         "on_unfreeze must be 'keep' or 'reset', got 'zero' (str)"),
+        ({"schedules": {"backbone": Step(2)}, "optimizers": ["sgd"]}, TypeError,
+         "optimizers[0] must be a torch Optimizer"),
+        ({"schedules": {"backbone": Step(2)}, "bn": "off"}, ValueError, "bn must be"),
+        ({"schedules": {"backbone": Step(2)}, "trainable": ["*lora*"]}, ValueError,
+         "matched nothing: ['*lora*']"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises_clearly_and_touches_nothing(kwargs, error, fragment):
+    model = make_net()
+    before_flags, before_tensors = flags(model), tensors(model)
+    with pytest.raises(error) as info:
+        FreezeController(model, **kwargs)
+    assert fragment in str(info.value)
+    assert flags(model) == before_flags and bitwise_equal(tensors(model), before_tensors)
+
+
+def test_bad_model_and_tick():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got 'net' \\(str\\)"):
+        FreezeController("net", {"backbone": Step(2)})
+    model = make_net()
+    before = flags(model)
+    ctrl = FreezeController(model, {"backbone": Step(2)})
+    with pytest.raises(ValueError, match="tick must be an int >= 0, got -3"):
+        ctrl.apply(-3)
+    assert flags(model) == before and ctrl.tick is None
