@@ -291,7 +291,7 @@ def test_bad_input_raises_clearly_and_touches_nothing(kwargs, error, fragment):
 
 
 def test_bad_model_and_tick():
-    with pytest.raises(TypeError, match="model must be an nn.Module, got 'net' \\(str\\)"):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got 'net' \(str\)"):
         FreezeController("net", {"backbone": Step(2)})
     model = make_net()
     before = flags(model)

@@ -436,7 +436,7 @@ def test_binary_schedule_applies_to_every_module_given():
 
 def test_a_plain_function_is_a_schedule():
     def freezing_scheduler(epoch: int) -> bool:  # the DBF paper's Fig. 3 with rho = 5
-        return not epoch % 5 == 0
+        return epoch % 5 != 0
 
     guard = FrozenStageGuard(freezing_scheduler)
     assert [guard.decide(e)[0] for e in range(6)] == [Step(5)(e) for e in range(6)]
