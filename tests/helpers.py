@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from freezesched.profiling import SavedTensorMeter
+
 
 class Adapter(nn.Module):
     """A residual bottleneck adapter, zero-initialised up-projection excluded."""
@@ -89,14 +91,7 @@ def flags(model: nn.Module) -> dict[str, object]:
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward while running ``fn``."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes of the distinct storages autograd saves for backward while running ``fn``."""
+    with SavedTensorMeter() as meter:
         fn()
-    return total
+    return meter.bytes

@@ -1,0 +1,16 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: create (or reuse) ./.venv and install
+# freezesched into it with the given extras. Versions pinned for development live in
+# scripts/constraints.txt (torch 2.13.0 is the CPU wheel; the package itself needs torch>=2.1).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "freezesched: creating .venv with $($PYTHON --version)" >&2
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+extras="${1:-}"
+python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>/dev/null
+python -m pip install --quiet --disable-pip-version-check \
+  -c scripts/constraints.txt -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
