@@ -108,7 +108,8 @@ class DemoNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        logits: torch.Tensor = self.head(self.backbone(x))
+        return logits
 
 
 def policies(epochs: int) -> dict[str, BinarySchedule]:
@@ -172,17 +173,17 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct) / len(y)
 
 
-def _pretrain(samples: int, epochs: int, seed: int) -> nn.Module:
+def _pretrain(samples: int, epochs: int, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     x, y = make_oriented_objects(samples, 4, seed=seed, shifted=False)
     model = DemoNet(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        for idx in torch.randperm(samples, generator=gen).split(32):
+        for idx in torch.split(torch.randperm(samples, generator=gen), 32):
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
     return model.backbone
 
@@ -225,10 +226,10 @@ def run_demo(
         start = time.perf_counter()
         model.train()
         for epoch in range(epochs):
-            for idx in torch.randperm(samples, generator=gen).split(32):
+            for idx in torch.split(torch.randperm(samples, generator=gen), 32):
                 with guard(model.backbone, epoch) as region, SavedTensorMeter() as meter:
                     loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                    loss.backward()
+                    torch.autograd.backward(loss)
                 saved[region.frozen[0]].append(meter.bytes)
                 opt.step()
                 opt.zero_grad()

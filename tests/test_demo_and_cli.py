@@ -96,3 +96,20 @@ def test_plain_loop_example(monkeypatch, capsys):
     history = namespace["main"](epochs=8, steps=2)
     assert history == [WarmupThenFreeze(2, then=Step(5))(e) for e in range(8)]
     assert "frozen" in capsys.readouterr().out
+
+
+def test_readme_cli_examples_print_what_the_readme_says(capsys):
+    import shlex
+
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    examples = [i for i, line in enumerate(lines) if line.startswith("$ python -m freezesched")]
+    assert examples
+    for i in examples:
+        argv = shlex.split(lines[i])[4:]  # after "$ python -m freezesched"
+        expected = []
+        for line in lines[i + 1 :]:
+            if line.startswith("```"):
+                break
+            expected.append(line)
+        assert main(argv) == 0
+        assert capsys.readouterr().out.splitlines() == expected
