@@ -481,3 +481,60 @@ def test_bad_input_raises_clearly_and_leaves_the_model_untouched(make, error, fr
     assert flags(model) == before_flags
     assert bitwise_equal(tensors(model), before_tensors)
     assert not any(is_frozen(p) for p in model.parameters())
+
+
+# --- copies taken while frozen ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_taken_while_frozen_is_an_independent_plain_module(how):
+    import copy
+    import io
+
+    model = make_net()
+    x = batch(0)[0]
+    with FrozenStageGuard(Constant(True))(model.backbone, 0):
+        if how == "deepcopy":
+            twin = copy.deepcopy(model)
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            twin = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        twin.backbone[0][0].weight.mul_(3.0)
+    model.eval()
+    twin.eval()
+    # The copy runs its own weights, not the original's ...
+    assert not torch.equal(twin(x), model(x))
+    # ... and its layers are not pinned: train() switches them, and returns the copy.
+    bn = twin.backbone[0][1]
+    assert bn.train() is bn and bn.training is True
+    twin.train()
+    assert all(m.training for m in twin.modules())
+    assert not any(is_frozen(p) for p in twin.parameters())
+
+
+def test_ema_created_while_frozen_tracks_its_own_weights():
+    from torch.optim.swa_utils import AveragedModel
+
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = FreezeController(model, {"backbone": Step(2)})
+    ctrl.apply(1)  # frozen
+    ema = AveragedModel(model)  # deep-copies the model while the backbone is frozen
+    ctrl.apply(2)  # trainable: the live backbone moves, the EMA only by averaging
+    for step in range(3):
+        loss_fn(model, step).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update_parameters(model)
+    x = batch(9)[0]
+    model.eval()
+    ema.eval()
+    expected = make_net()
+    expected.load_state_dict(ema.module.state_dict())
+    expected.eval()
+    assert torch.equal(ema(x), expected(x))
+    assert not torch.equal(ema(x), model(x))
+    ctrl.release()

@@ -195,7 +195,7 @@ class _ModeHold:
 class _ForwardHold:
     module: nn.Module
     own_forward: Any  # an instance attribute `forward` that existed before, or _MISSING
-    wrapper: Callable[..., Any]
+    wrapper: _NoGradForward
     count: int = 0
 
 
@@ -241,14 +241,39 @@ def _release_param(param: nn.Parameter) -> bool:
     return True
 
 
-def _pinned_train(hold: _ModeHold) -> Callable[[bool], nn.Module]:
-    def train(mode: bool = True) -> nn.Module:
+class _ClassMethodCall:
+    """Calls ``type(module).<name>(module, ...)``: what a copy of a pinned attribute becomes.
+
+    A module deep-copied or pickled while frozen must not carry freezesched's instance
+    attributes along: they point at the *original* module. Copies get this transparent
+    stand-in instead, which behaves exactly like the class's own method on the copy.
+    """
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
+        return (_ClassMethodCall, (self.module, self.name))
+
+
+class _PinnedTrain:
+    """Shadows ``module.train`` while pinned: records the requested mode, stays in eval."""
+
+    def __init__(self, hold: _ModeHold) -> None:
+        self.hold = hold
+
+    def __call__(self, mode: bool = True) -> nn.Module:
         if not isinstance(mode, bool):
             raise ValueError(f"training mode is expected to be boolean, got {_describe(mode)}")
-        hold.requested = mode  # remembered, applied when the hold ends
-        return hold.module
+        self.hold.requested = mode  # remembered, applied when the hold ends
+        return self.hold.module
 
-    return train
+    def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
+        return (_ClassMethodCall, (self.hold.module, "train"))
 
 
 def _hold_mode(module: nn.Module) -> None:
@@ -258,7 +283,7 @@ def _hold_mode(module: nn.Module) -> None:
         hold = _MODES[id(module)] = _ModeHold(module, module.training, own)
         module.training = False
         # An instance attribute shadows nn.Module.train, so model.train() reaches it.
-        module.__dict__["train"] = _pinned_train(hold)
+        module.__dict__["train"] = _PinnedTrain(hold)
     hold.count += 1
 
 
@@ -295,28 +320,33 @@ def _may_require_grad(obj: object) -> bool:
     return True
 
 
-def _no_grad_forward(module: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
-    params = list(module.parameters())
+class _NoGradForward:
+    """Shadows ``module.forward`` while frozen: no graph when nothing needs one."""
 
-    @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self, module: nn.Module, inner: Callable[..., Any]) -> None:
+        self.module = module
+        self.inner = inner
+        self.params = list(module.parameters())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() and not (
-            any(p.requires_grad for p in params)
+            any(p.requires_grad for p in self.params)
             or _may_require_grad(args)
             or _may_require_grad(kwargs)
         ):
             with torch.no_grad():
-                return inner(*args, **kwargs)
-        return inner(*args, **kwargs)
+                return self.inner(*args, **kwargs)
+        return self.inner(*args, **kwargs)
 
-    return forward
+    def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
+        return (_ClassMethodCall, (self.module, "forward"))
 
 
 def _hold_forward(module: nn.Module) -> None:
     hold = _FORWARDS.get(id(module))
     if hold is None:
         own = module.__dict__.get("forward", _MISSING)
-        wrapper = _no_grad_forward(module, module.forward)
+        wrapper = _NoGradForward(module, module.forward)
         hold = _FORWARDS[id(module)] = _ForwardHold(module, own, wrapper)
         module.__dict__["forward"] = wrapper
     hold.count += 1
