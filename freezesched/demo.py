@@ -144,7 +144,7 @@ class DemoResult:
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; silent elsewhere (logs, CI)."""
+    """A one-line progress bar on a terminal; one line per finished policy elsewhere."""
 
     def __init__(self, total: int, stream: TextIO) -> None:
         self.total, self.done, self.stream = total, 0, stream
@@ -157,6 +157,11 @@ class _Progress:
             filled = int(width * self.done / self.total)
             bar = "█" * filled + "·" * (width - filled)
             self.stream.write(f"\r{bar} {self.done}/{self.total} {label[:40]:<40}")
+            self.stream.flush()
+
+    def note(self, line: str) -> None:
+        if not self.live:
+            self.stream.write(line + "\n")
             self.stream.flush()
 
     def close(self) -> None:
@@ -235,6 +240,7 @@ def run_demo(
                 opt.zero_grad()
             progress.step(f"{name} epoch {epoch + 1}/{epochs}")
         seconds = time.perf_counter() - start
+        progress.note(f"  {name}: done in {seconds:.1f} s")
         every = saved[True] + saved[False]
         results.append(
             DemoResult(

@@ -11,6 +11,12 @@ fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 extras="${1:-}"
-python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>/dev/null
-python -m pip install --quiet --disable-pip-version-check \
-  -c scripts/constraints.txt -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
+log=.venv/install.log
+echo "freezesched: installing into .venv (log: $log)" >&2
+if ! { python -m pip install --disable-pip-version-check --upgrade pip &&
+       python -m pip install --disable-pip-version-check \
+         -c scripts/constraints.txt -e ".${extras:+[$extras]}"; } >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  echo "freezesched: installation failed; the full log is $log" >&2
+  exit 1
+fi

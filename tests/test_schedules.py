@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import binary_schedules, ticks
 
 import freezesched
 from freezesched import (
@@ -350,3 +351,31 @@ def test_bad_configs_raise(config, error, fragment):
     with pytest.raises(error) as info:
         schedule_from_config(config)
     assert fragment in str(info.value)
+
+
+# --- properties over random nested schedules ------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(s=binary_schedules)
+def test_property_one_element_combinators_are_identity(s):
+    line = s.timeline(400)
+    assert np.array_equal(Sequential([s]).timeline(400), line)
+    assert np.array_equal(And(s).timeline(400), line)
+    assert np.array_equal(Or(s).timeline(400), line)
+
+
+@settings(max_examples=150, deadline=None)
+@given(s=binary_schedules, t=ticks)
+def test_property_double_negation_and_scalar_vs_timeline(s, t):
+    assert Not(Not(s))(t) == s(t)
+    assert (~s)(t) is not s(t)
+    assert s(t) == bool(s.timeline(t + 1, start=t)[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(s=binary_schedules)
+def test_property_config_and_repr_round_trip(s):
+    assert schedule_from_config(json.loads(json.dumps(s.to_config()))) == s
+    namespace = {name: getattr(freezesched, name) for name in freezesched.__all__}
+    assert eval(repr(s), {**namespace, "inf": math.inf}) == s
