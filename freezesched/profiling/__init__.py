@@ -16,13 +16,19 @@ from freezesched.profiling._flops import (
     count_flops,
 )
 from freezesched.profiling._memory import SavedTensorMeter
+from freezesched.profiling._report import Format, render_table
+from freezesched.profiling._run import FlopAccountant, RunTotals, StateStats
 
 __all__ = [
+    "FlopAccountant",
     "FlopCount",
     "FlopProfiler",
+    "Format",
     "PolicyCost",
+    "RunTotals",
     "SavedTensorMeter",
     "StateCost",
+    "StateStats",
     "StepFlops",
     "UncountedOpsWarning",
     "count_flops",
@@ -30,4 +36,5 @@ __all__ = [
     "measure_state_cost",
     "project",
     "project_policies",
+    "render_table",
 ]

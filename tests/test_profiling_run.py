@@ -1,0 +1,123 @@
+"""Run accounting: sampled equals exhaustive; report formats; projection agrees."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from helpers import batch, make_net
+from torch import nn
+
+from freezesched import FrozenStageGuard, Layerwise, Step, WarmupThenFreeze
+from freezesched.profiling import FlopAccountant, count_flops, project_policies, render_table
+
+BATCHES = [4, 4, 3]  # an uneven last batch: per-sample extrapolation must be exact
+
+
+def _train(schedule, stages: bool, samples_per_state: int):
+    model = make_net(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    acct = FlopAccountant(model, samples_per_state=samples_per_state or 1)
+    guard = FrozenStageGuard(schedule)
+    targets = list(model.backbone) if stages else model.backbone
+    exhaustive = 0
+    for epoch in range(6):
+        for i, n in enumerate(BATCHES):
+            x, y = batch(10 * epoch + i, n=n)
+
+            def step():
+                nn.functional.cross_entropy(model(x), y).backward()
+
+            with guard(targets, epoch) as region:
+                if samples_per_state is None:
+                    exhaustive += count_flops(step).total.total
+                else:
+                    with acct.step(region, batch_size=n):
+                        step()
+            opt.step()
+            opt.zero_grad()
+    return acct, exhaustive
+
+
+@pytest.mark.parametrize(
+    ("schedule", "stages"),
+    [(WarmupThenFreeze(1, then=Step(3)), False), (Layerwise.progressive(3, 1, 5), True)],
+)
+def test_sampled_accounting_equals_exhaustive_counting(schedule, stages):
+    sampled, _ = _train(schedule, stages, samples_per_state=1)
+    every_step, _ = _train(schedule, stages, samples_per_state=10**9)
+    _, exhaustive = _train(schedule, stages, samples_per_state=None)
+    assert sampled.totals() == every_step.totals()
+    assert sampled.totals().flops_measured == exhaustive
+    assert sum(s.steps for s in sampled.states.values()) == 6 * len(BATCHES)
+
+
+def test_totals_agree_with_the_projection():
+    schedule = WarmupThenFreeze(1, then=Step(3))
+    acct, _ = _train(schedule, False, samples_per_state=1)
+    totals = acct.totals()
+    projected = project_policies(make_net(seed=1), (4, 3, 16, 16), "backbone", {"p": schedule},
+                                 epochs=6, samples_per_epoch=sum(BATCHES))[0]  # fmt: skip
+    assert totals.flops_paper == projected.flops_paper
+    assert totals.flops_measured == projected.flops_measured
+    assert totals.delta_flops_paper == projected.delta_flops_paper
+    assert totals.delta_flops_measured == projected.delta_flops_measured
+
+
+def test_measured_baseline_is_unknown_without_an_all_trainable_step():
+    model = make_net()
+    acct = FlopAccountant(model)
+    with FrozenStageGuard(Step(2))(model.backbone, 1) as region, acct.step(region, batch_size=4):
+        model(batch(0)[0]).sum().backward()
+    totals = acct.totals()
+    assert totals.delta_flops_measured is None
+    assert totals.delta_flops_paper < 0
+
+
+def test_rows_report_time_and_memory_per_state():
+    acct, _ = _train(Step(2), False, samples_per_state=1)
+    rows = {r["state"]: r for r in acct.rows()}
+    assert set(rows) == {"T", "F"}
+    assert rows["F"]["frozen"] == "backbone" and rows["T"]["frozen"] == "-"
+    assert rows["F"]["saved_mib"] < rows["T"]["saved_mib"]
+    assert rows["F"]["gflops_backward"] < rows["T"]["gflops_backward"]
+    assert rows["T"]["seconds_per_step"] > 0 and rows["T"]["peak_cuda_mib"] is None
+    assert rows["T"]["steps"] == 9 and rows["T"]["samples"] == 33
+
+
+@pytest.mark.parametrize("fmt", ["text", "markdown", "csv", "json"])
+def test_report_formats(fmt):
+    acct, _ = _train(Step(2), False, samples_per_state=1)
+    out = acct.report(fmt)
+    if fmt == "json":
+        assert [r["state"] for r in json.loads(out)] == ["T", "F"]
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert [r["state"] for r in rows] == ["T", "F"] and rows[0]["peak_cuda_mib"] == ""
+    elif fmt == "markdown":
+        assert out.splitlines()[1].startswith("|---|") and out.count("\n") == 3
+    else:
+        assert out.splitlines()[0].startswith("state (F=frozen)")
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"samples_per_state must be an int >= 1, got 0"):
+        FlopAccountant(make_net(), samples_per_state=0)
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        FlopAccountant("net")
+    acct = FlopAccountant(make_net())
+    with (
+        pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"),
+        acct.step(batch_size=0),
+    ):
+        pass
+    other = nn.Linear(2, 2)
+    region = FrozenStageGuard(Step(2))(other, 1)
+    with pytest.raises(ValueError, match=r"not a submodule of the accountant's model"), region:
+        with acct.step(region, batch_size=1):
+            pass
+    with pytest.raises(ValueError, match=r"fmt must be one of"):
+        render_table([], [("a", "A")], "html")
