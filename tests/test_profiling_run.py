@@ -28,7 +28,7 @@ def _train(schedule, stages: bool, samples_per_state: int):
         for i, n in enumerate(BATCHES):
             x, y = batch(10 * epoch + i, n=n)
 
-            def step():
+            def step(x=x, y=y):
                 nn.functional.cross_entropy(model(x), y).backward()
 
             with guard(targets, epoch) as region:
@@ -116,8 +116,11 @@ def test_bad_input():
         pass
     other = nn.Linear(2, 2)
     region = FrozenStageGuard(Step(2))(other, 1)
-    with pytest.raises(ValueError, match=r"not a submodule of the accountant's model"), region:
-        with acct.step(region, batch_size=1):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"not a submodule of the accountant's model"),
+        region,
+        acct.step(region, batch_size=1),
+    ):
+        pass
     with pytest.raises(ValueError, match=r"fmt must be one of"):
         render_table([], [("a", "A")], "html")

@@ -117,7 +117,7 @@ class FlopAccountant:
         self.model = model
         self.samples_per_state = samples_per_state
         self.states: dict[State, StateStats] = {}
-        self._names = {id(m): name for name, m in model.named_modules()}
+        self._names: dict[int, str] = {id(m): name for name, m in model.named_modules()}
 
     def _stats_for(self, region: FrozenRegion | None) -> StateStats:
         if region is None:
