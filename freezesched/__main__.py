@@ -1,11 +1,13 @@
-"""Command line: ``python -m freezesched demo`` and ``python -m freezesched timeline``."""
+"""Command line: ``python -m freezesched {demo,timeline,project}``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -49,6 +51,77 @@ def _timeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str) -> Any:
+    """``"package.module:attr"`` -> the module, or what calling ``attr()`` returns."""
+    import importlib
+
+    from torch import nn
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    model = obj if isinstance(obj, nn.Module) else obj()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model {spec!r} gave a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _default_policies(warmup: int) -> dict[str, Any]:
+    from freezesched.schedules import Step, WarmupThenFreeze
+
+    policies: dict[str, Any] = {"full (ρ=1)": Step(1), "frozen (ρ=∞)": Step(math.inf)}
+    for rho in (2, 5, 10, math.inf):
+        label = "∞" if math.isinf(rho) else str(rho)
+        if warmup:
+            policies[f"DBF (ρ=1 → ρ={label})"] = WarmupThenFreeze(warmup, then=Step(rho))
+        else:
+            policies[f"DBF (ρ={label})"] = Step(rho)
+    return policies
+
+
+def _project(args: argparse.Namespace) -> int:
+    from freezesched.profiling import policy_table, project_policies
+    from freezesched.schedules import schedule_from_config
+
+    try:
+        model = _load_model(args.model)
+        shape = [int(s) for s in args.input_shape.split(",")]
+        modules = [m for spec in args.module for m in spec.split(",") if m]
+        policies: dict[str, Any] = {}
+        for spec in args.policy:
+            label, sep, config = spec.partition("=")
+            if not sep:
+                raise ValueError(f"--policy must look like 'NAME=JSON', got {spec!r}")
+            policies[label] = schedule_from_config(json.loads(config))
+        rows = project_policies(
+            model,
+            shape,
+            modules,
+            policies or _default_policies(args.warmup),
+            epochs=args.epochs,
+            samples_per_epoch=args.samples,
+            device=args.device,
+        )
+    except (ValueError, TypeError, ImportError, AttributeError, KeyError) as error:
+        print(f"freezesched project: {error}", file=sys.stderr)
+        return 2
+    table = policy_table(rows, args.format)
+    print(
+        f"# {args.model}, frozen: {', '.join(modules)}, input {tuple(shape)}, "
+        f"{args.epochs} epochs x {args.samples} samples; FLOPs = 2 x MACs",
+        file=sys.stderr,
+    )
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+    else:
+        print(table)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="freezesched", description="Freezing schedules for PyTorch fine-tuning."
@@ -68,6 +141,42 @@ def _parser() -> argparse.ArgumentParser:
     timeline.add_argument("--ticks", type=int, default=40, help="one past the last tick")
     timeline.add_argument("--start", type=int, default=0, help="the first tick")
     timeline.set_defaults(run=_timeline)
+    project = sub.add_parser(
+        "project",
+        help="Eq. 1: training FLOPs and ΔTFLOPs of freezing policies, without training",
+    )
+    project.add_argument(
+        "--model",
+        required=True,
+        help="import path of a model or factory, e.g. torchvision.models:resnet50",
+    )
+    project.add_argument(
+        "--module",
+        action="append",
+        required=True,
+        help="submodule(s) to freeze, dotted; repeat or comma-separate",
+    )
+    project.add_argument(
+        "--input-shape", required=True, help="example batch shape, e.g. 1,3,800,800"
+    )
+    project.add_argument("--epochs", type=int, required=True, help="epochs per run")
+    project.add_argument("--samples", type=int, required=True, help="training samples per epoch")
+    project.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="a policy as a schedule config; default: the paper's Table II set",
+    )
+    project.add_argument(
+        "--warmup", type=int, default=0, help="ρ=1 epochs before DBF in the default policies"
+    )
+    project.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    project.add_argument("--output", metavar="PATH", help="write the table here")
+    project.add_argument(
+        "--device", default="meta", help="where to count (default meta: shapes only, no arithmetic)"
+    )
+    project.set_defaults(run=_project)
     return parser
 
 

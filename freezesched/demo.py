@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from freezesched.freezing import FrozenStageGuard
-from freezesched.profiling import SavedTensorMeter
+from freezesched.profiling import FlopAccountant, render_table
 from freezesched.schedules import BinarySchedule, Cosine, Step, WarmupThenFreeze
 
 __all__ = ["DemoResult", "make_oriented_objects", "policies", "run_demo"]
@@ -130,7 +130,12 @@ def policies(epochs: int) -> dict[str, BinarySchedule]:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """One row of the demo's table."""
+    """One row of the demo's table.
+
+    FLOPs are Eq. 1 totals over the run (``TFLOPs = 1e12 FLOPs``, ``FLOPs = 2 x MACs``);
+    ΔTFLOPs are against full training: measured against the full-training run of the
+    same demo, and in the paper's convention against 3 x forward.
+    """
 
     policy: str
     schedule: str
@@ -138,9 +143,12 @@ class DemoResult:
     epochs: int
     accuracy: float
     seconds: float
+    tflops_measured: float
+    delta_tflops_measured: float | None
+    tflops_paper: float
+    delta_tflops_paper: float
     saved_bytes_frozen_step: int | None
     saved_bytes_trainable_step: int | None
-    saved_bytes_per_step: float
 
 
 class _Progress:
@@ -220,28 +228,34 @@ def run_demo(
     plan = policies(epochs)
     progress = _Progress(len(plan) * epochs, stream)
     results = []
+    baseline: int | None = None
     for name, schedule in plan.items():
         torch.manual_seed(seed + 3)
         model = DemoNet(8)
         model.backbone = copy.deepcopy(pretrained)
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
         guard = FrozenStageGuard(schedule)
+        accountant = FlopAccountant(model, samples_per_state=1)
         gen = torch.Generator().manual_seed(seed + 4)
-        saved: dict[bool, list[int]] = {True: [], False: []}
         start = time.perf_counter()
         model.train()
         for epoch in range(epochs):
             for idx in torch.split(torch.randperm(samples, generator=gen), 32):
-                with guard(model.backbone, epoch) as region, SavedTensorMeter() as meter:
+                with (
+                    guard(model.backbone, epoch) as region,
+                    accountant.step(region, batch_size=len(idx)),
+                ):
                     loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                     torch.autograd.backward(loss)
-                saved[region.frozen[0]].append(meter.bytes)
                 opt.step()
                 opt.zero_grad()
             progress.step(f"{name} epoch {epoch + 1}/{epochs}")
         seconds = time.perf_counter() - start
         progress.note(f"  {name}: done in {seconds:.1f} s")
-        every = saved[True] + saved[False]
+        totals = accountant.totals()
+        if baseline is None:  # the first policy is full training
+            baseline = totals.flops_measured
+        saved = {s.state[0]: int(np.median(s.saved_bytes)) for s in accountant.states.values()}
         results.append(
             DemoResult(
                 policy=name,
@@ -250,9 +264,12 @@ def run_demo(
                 epochs=epochs,
                 accuracy=_accuracy(model, x_val, y_val),
                 seconds=seconds,
-                saved_bytes_frozen_step=int(np.median(saved[True])) if saved[True] else None,
-                saved_bytes_trainable_step=int(np.median(saved[False])) if saved[False] else None,
-                saved_bytes_per_step=float(np.mean(every)),
+                tflops_measured=totals.flops_measured / 1e12,
+                delta_tflops_measured=(totals.flops_measured - baseline) / 1e12,
+                tflops_paper=totals.flops_paper / 1e12,
+                delta_tflops_paper=totals.delta_flops_paper / 1e12,
+                saved_bytes_frozen_step=saved.get(True),
+                saved_bytes_trainable_step=saved.get(False),
             )
         )
     progress.close()
@@ -263,37 +280,46 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.2f}"
 
 
+COLUMNS = [
+    ("policy", "policy"),
+    ("frozen", "frozen epochs"),
+    ("acc", "val acc"),
+    ("time", "time (s)"),
+    ("tflops", "TFLOPs"),
+    ("delta", "ΔTFLOPs"),
+    ("delta_paper", "ΔTFLOPs paper"),
+    ("saved", "saved MiB F/T"),
+]
+
+
 def format_table(results: Sequence[DemoResult]) -> str:
-    """The results as an aligned text table.
+    """The results as an aligned text table (TFLOPs measured, totals over the run).
 
     Examples:
-        >>> row = DemoResult("full", "Step(rho=1)", 0, 2, 0.5, 1.0, None, 2**20, 2**20)
-        >>> print(format_table([row]))  # doctest: +NORMALIZE_WHITESPACE
-        policy  frozen epochs  val acc  time (s)  saved MiB/step (frozen / trainable / mean)
-        full    0/2            50.0%    1.0       - / 1.00 / 1.00
+        >>> row = DemoResult("full", "Step(rho=1)", 0, 2, 0.5, 1.0, 0.25, 0.0, 0.3, 0.0,
+        ...                  None, 2**20)
+        >>> print(format_table([row]))
+        policy  frozen epochs  val acc  time (s)  TFLOPs  ΔTFLOPs  ΔTFLOPs paper  saved MiB F/T
+        full    0/2            50.0%    1.0       0.2500  +0.0000  +0.0000        - / 1.00
+
+    ΔTFLOPs is measured (what autograd ran) against the full-training run; "paper" uses
+    the DBF paper's convention (backward = 2 x forward of trainable layers); "saved MiB
+    F/T" is what autograd keeps for backward in a frozen / trainable step.
     """
-    header = (
-        "policy",
-        "frozen epochs",
-        "val acc",
-        "time (s)",
-        "saved MiB/step (frozen / trainable / mean)",
-    )
     rows = [
-        (
-            r.policy,
-            f"{r.frozen_epochs}/{r.epochs}",
-            f"{100 * r.accuracy:.1f}%",
-            f"{r.seconds:.1f}",
-            f"{_mib(r.saved_bytes_frozen_step)} / {_mib(r.saved_bytes_trainable_step)} / "
-            f"{_mib(r.saved_bytes_per_step)}",
-        )
+        {
+            "policy": r.policy,
+            "frozen": f"{r.frozen_epochs}/{r.epochs}",
+            "acc": f"{100 * r.accuracy:.1f}%",
+            "time": f"{r.seconds:.1f}",
+            "tflops": f"{r.tflops_measured:.4f}",
+            "delta": "-" if r.delta_tflops_measured is None else f"{r.delta_tflops_measured:+.4f}",
+            "delta_paper": f"{r.delta_tflops_paper:+.4f}",
+            "saved": f"{_mib(r.saved_bytes_frozen_step)} / {_mib(r.saved_bytes_trainable_step)}",
+        }
         for r in results
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in (header, *rows)]  # fmt: skip
-    return "\n".join(lines)
+    return render_table(rows, COLUMNS)
 
 
 def to_json(results: Sequence[DemoResult]) -> str:

@@ -40,6 +40,19 @@ def test_demo_frozen_steps_keep_far_less_for_backward(tiny_results):
     assert dbf.saved_bytes_trainable_step == full.saved_bytes_trainable_step
     table = format_table(tiny_results)
     assert table.splitlines()[0].startswith("policy") and "DBF (ρ=1 → ρ=5)" in table
+    assert "ΔTFLOPs" in table.splitlines()[0]
+
+
+def test_demo_flops_columns(tiny_results):
+    full, frozen, dbf, cosine = tiny_results
+    assert full.delta_tflops_measured == 0 and full.delta_tflops_paper == 0
+    assert frozen.delta_tflops_measured < dbf.delta_tflops_measured < 0
+    assert frozen.delta_tflops_paper < dbf.delta_tflops_paper < 0
+    # Frozen epochs save exactly per-epoch savings: DBF froze 3 of 5 epochs, frozen all 5.
+    assert dbf.delta_tflops_paper == pytest.approx(frozen.delta_tflops_paper * 3 / 5)
+    assert dbf.delta_tflops_measured == pytest.approx(frozen.delta_tflops_measured * 3 / 5)
+    assert cosine.delta_tflops_measured == pytest.approx(frozen.delta_tflops_measured * 2 / 5)
+    assert full.tflops_measured > 0
 
 
 def test_demo_data_are_a_pure_function_of_the_seed():
@@ -113,3 +126,54 @@ def test_readme_cli_examples_print_what_the_readme_says(capsys):
             expected.append(line)
         assert main(argv) == 0
         assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_cli_project_matches_the_library(capsys):
+    from freezesched.profiling import project_policies
+
+    from helpers import make_net
+
+    argv = ["project", "--model", "helpers:make_net", "--module", "backbone",
+            "--input-shape", "2,3,16,16", "--epochs", "45", "--samples", "100",
+            "--warmup", "5", "--format", "json"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in rows] == [
+        "full (ρ=1)", "frozen (ρ=∞)", "DBF (ρ=1 → ρ=2)", "DBF (ρ=1 → ρ=5)",
+        "DBF (ρ=1 → ρ=10)", "DBF (ρ=1 → ρ=∞)",
+    ]  # fmt: skip
+    assert [r["frozen_epochs"] for r in rows] == [0, 45, 20, 32, 36, 40]
+    expected = project_policies(make_net(), (2, 3, 16, 16), "backbone",
+                                {"x": WarmupThenFreeze(5, then=Step(5))}, epochs=45,
+                                samples_per_epoch=100)[0]  # fmt: skip
+    assert rows[3]["delta_tflops_paper"] == expected.delta_tflops_paper
+    assert rows[3]["delta_tflops_measured"] == expected.delta_tflops_measured
+
+
+def test_cli_project_custom_policy_to_file(tmp_path, capsys):
+    out = tmp_path / "t.md"
+    argv = ["project", "--model", "helpers:make_net", "--module", "backbone.0,backbone.1",
+            "--input-shape", "2,3,16,16", "--epochs", "10", "--samples", "10",
+            "--policy", 'mine={"type": "Step", "rho": 2}', "--format", "markdown",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("| policy | frozen epochs |") and lines[2].startswith("| mine | 5 |")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--model", "helpers"], "--model must look like 'package.module:factory'"),
+        (["--model", "helpers:nothing"], "has no attribute 'nothing'"),
+        (["--model", "collections:OrderedDict"], "gave a OrderedDict, not an nn.Module"),
+        (["--model", "helpers:make_net", "--policy", "x"], "--policy must look like 'NAME=JSON'"),
+        (["--model", "helpers:make_net", "--policy", 'x={"type": "Step", "rho": 0}'],
+         "rho must be"),
+    ],
+)  # fmt: skip
+def test_cli_project_bad_input(argv, fragment, capsys):
+    base = ["project", "--module", "backbone", "--input-shape", "2,3,16,16", "--epochs", "2",
+            "--samples", "1"]  # fmt: skip
+    assert main(base + argv) == 2
+    assert fragment in capsys.readouterr().err

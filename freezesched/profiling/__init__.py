@@ -5,6 +5,7 @@ from freezesched.profiling._accounting import (
     StateCost,
     default_loss,
     measure_state_cost,
+    policy_table,
     project,
     project_policies,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "count_flops",
     "default_loss",
     "measure_state_cost",
+    "policy_table",
     "project",
     "project_policies",
     "render_table",

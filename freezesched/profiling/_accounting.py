@@ -33,12 +33,14 @@ from torch import nn
 from freezesched.freezing import FrozenStageGuard
 from freezesched.freezing._targets import ScheduleLike, check_schedule
 from freezesched.profiling._flops import FlopCount, FlopProfiler
+from freezesched.profiling._report import Format, render_table
 from freezesched.schedules import Schedule, check_tick
 
 __all__ = [
     "PolicyCost",
     "StateCost",
     "default_loss",
+    "policy_table",
     "measure_state_cost",
     "project",
     "project_policies",
@@ -315,3 +317,40 @@ def project_policies(
         )
         for label, schedule in policies.items()
     ]
+
+
+POLICY_COLUMNS = [
+    ("policy", "policy"),
+    ("frozen_epochs", "frozen epochs"),
+    ("tflops_paper", "TFLOPs (paper)"),
+    ("delta_tflops_paper", "ΔTFLOPs (paper)"),
+    ("tflops_measured", "TFLOPs (measured)"),
+    ("delta_tflops_measured", "ΔTFLOPs (measured)"),
+    ("schedule", "schedule"),
+]
+
+
+def policy_table(rows: Sequence[PolicyCost], fmt: Format = "text") -> str:
+    """Table II-style comparison of policies (totals over the run; ``TFLOPs = 1e12 FLOPs``).
+
+    Examples:
+        >>> row = PolicyCost("DBF", "Step(rho=2)", 10, 100, 5.0, 3 * 10**12, 4 * 10**12,
+        ...                  -10**12, -10**12)
+        >>> print(policy_table([row], "csv").splitlines()[1])
+        DBF,5,3.0,-1.0,4.0,-1.0,Step(rho=2)
+    """
+    records = [
+        {
+            "policy": r.policy,
+            "frozen_epochs": int(r.frozen_epochs)
+            if float(r.frozen_epochs).is_integer()
+            else r.frozen_epochs,
+            "tflops_paper": r.tflops_paper,
+            "delta_tflops_paper": r.delta_tflops_paper,
+            "tflops_measured": r.tflops_measured,
+            "delta_tflops_measured": r.delta_tflops_measured,
+            "schedule": r.schedule,
+        }
+        for r in rows
+    ]
+    return render_table(records, POLICY_COLUMNS, fmt)
