@@ -60,7 +60,7 @@ def _load_model(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
-    obj = importlib.import_module(module_name)
+    obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
     model = obj if isinstance(obj, nn.Module) else obj()

@@ -129,9 +129,9 @@ def test_readme_cli_examples_print_what_the_readme_says(capsys):
 
 
 def test_cli_project_matches_the_library(capsys):
-    from freezesched.profiling import project_policies
-
     from helpers import make_net
+
+    from freezesched.profiling import project_policies
 
     argv = ["project", "--model", "helpers:make_net", "--module", "backbone",
             "--input-shape", "2,3,16,16", "--epochs", "45", "--samples", "100",

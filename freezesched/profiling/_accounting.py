@@ -40,8 +40,8 @@ __all__ = [
     "PolicyCost",
     "StateCost",
     "default_loss",
-    "policy_table",
     "measure_state_cost",
+    "policy_table",
     "project",
     "project_policies",
 ]
