@@ -145,6 +145,15 @@ def test_per_module_counts_full_training():
     assert result.total.backward == 2 * (F0 + F1 + F2) - F0
 
 
+def test_modules_without_counted_ops_are_listed_with_zero():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    result = count_flops(lambda: model(torch.randn(1, 3, 5, 5)).sum().backward(), model)
+    assert result.modules["1"] == result.modules["2"] == FlopCount()
+    assert result.forward_of(["0", "1"]) == result.modules["0"].forward > 0
+    with pytest.raises(KeyError, match=r"no FLOPs were recorded for modules \['9'\]"):
+        result.forward_of(["9"])
+
+
 def test_frozen_prefix_costs_forward_only():
     result = _count(_conv_net(), ["0", "1"])
     assert result.modules["0"] == FlopCount(forward=F0)

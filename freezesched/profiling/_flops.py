@@ -216,8 +216,8 @@ class StepFlops:
         """Forward FLOPs of the given modules, counting nested names once.
 
         Raises:
-            KeyError: a name was never seen running (not a module of the model, or it
-                was not called in the profiled step).
+            KeyError: a name is unknown (not a module of the profiler's model or, without
+                a model, never seen running).
         """
         chosen = sorted(set(names))
         outer = [n for n in chosen if not any(n.startswith(p + ".") for p in chosen if p != n)]
@@ -335,11 +335,16 @@ class FlopProfiler:
         def as_count(kinds: Counter[str]) -> FlopCount:
             return FlopCount(**{k: int(v) for k, v in kinds.items()})
 
-        modules = {
-            names.get(name, name): as_count(kinds)
-            for name, kinds in counter.kinds.items()
-            if name != GLOBAL
-        }
+        # Every module of the model is listed, also those that ran no counted op (norms,
+        # activations): zero is then a measurement, not a missing entry.
+        modules = {fqn: FlopCount() for fqn in names.values()}
+        modules.update(
+            {
+                names.get(name, name): as_count(kinds)
+                for name, kinds in counter.kinds.items()
+                if name != GLOBAL
+            }
+        )
         self._result = StepFlops(
             total=as_count(counter.kinds.get(GLOBAL, Counter())),
             modules=modules,
