@@ -25,6 +25,7 @@ from freezesched import (
     Step,
     WarmupThenFreeze,
 )
+from freezesched.profiling import FlopCount, StateCost, project
 
 SCHEDULES = {
     "Step(5)": Step(5),
@@ -62,6 +63,17 @@ def main() -> None:
         print(f"{name:34} {median:10.4f} {budget:9.3f} {loop:11.3f}")
         records.append({"schedule": name, "ticks": args.ticks, "median_s": median,
                         "fraction_of_budget": budget, "scalar_loop_s_per_1e4": loop})  # fmt: skip
+    # Eq. 1 projection of 1,600 epochs (the paper's longest run) for every binary schedule
+    # above, from per-state costs: the arithmetic the `project` CLI does after counting.
+    costs = {s: StateCost(s, FlopCount(forward=10**9, weight_grad=10**9), 5 * 10**8)
+             for s in [(False,), (True,)]}  # fmt: skip
+    start = time.perf_counter()
+    for schedule in SCHEDULES.values():
+        if schedule.num_stages == 1:
+            project(costs, schedule, epochs=1600, samples_per_epoch=11725, num_modules=1)
+    seconds = time.perf_counter() - start
+    print(f"Eq. 1 projection, 1,600 epochs, 6 schedules: {seconds:.4f} s in all")
+    records.append({"schedule": "project(1600 epochs) x 6", "median_s": seconds})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=2)

@@ -23,7 +23,9 @@ def test_timeline_speed_benchmark(tmp_path):
                "--json", str(tmp_path / "t.json"))  # fmt: skip
     assert "Cosine(0, 1e6)" in out
     records = json.loads((tmp_path / "t.json").read_text())
-    assert len(records) == 8 and all(r["ticks"] == 10_000 for r in records)
+    assert len(records) == 9 and all(r["ticks"] == 10_000 for r in records[:8])
+    assert records[8]["schedule"] == "project(1600 epochs) x 6"
+    assert "Eq. 1 projection, 1,600 epochs" in out
 
 
 def test_accounting_overhead_benchmark(tmp_path):

@@ -124,3 +124,27 @@ def test_bad_input():
         pass
     with pytest.raises(ValueError, match=r"fmt must be one of"):
         render_table([], [("a", "A")], "html")
+
+
+def test_run_table_compares_policies_like_table_iii():
+    from freezesched import Step
+    from freezesched.profiling import run_table
+
+    full, _ = _train(Step(1), False, samples_per_state=1)
+    frozen, _ = _train(Step(10**6), False, samples_per_state=1)  # frozen except tick 0
+    never, _ = _train(WarmupThenFreeze(0), False, samples_per_state=1)  # frozen throughout
+    rows = [full.summary("full"), frozen.summary("mostly frozen"), never.summary("frozen")]
+    assert rows[2]["delta_tflops_measured"] is None  # unknown from this run alone
+    table = json.loads(run_table(rows, "json"))
+    assert [r["policy"] for r in table] == ["full", "mostly frozen", "frozen"]
+    assert table[0]["delta_seconds"] == 0 and table[0]["delta_tflops_measured"] == 0
+    assert table[1]["frozen_steps"] == 15 and table[2]["frozen_steps"] == 18
+    # Filled from the baseline run: the same samples, so the same as the difference.
+    assert table[2]["delta_tflops_measured"] == pytest.approx(
+        rows[2]["tflops_measured"] - rows[0]["tflops_measured"]
+    )
+    assert table[2]["delta_tflops_measured"] < table[1]["delta_tflops_measured"] < 0
+    assert table[2]["delta_tflops_paper"] < table[1]["delta_tflops_paper"] < 0
+    assert table[2]["saved_mib"] < table[0]["saved_mib"]
+    assert all(r["seconds"] > 0 and r["peak_cuda_mib"] is None for r in table)
+    assert run_table(rows).splitlines()[0].startswith("policy")

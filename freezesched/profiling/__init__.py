@@ -18,7 +18,7 @@ from freezesched.profiling._flops import (
 )
 from freezesched.profiling._memory import SavedTensorMeter
 from freezesched.profiling._report import Format, render_table
-from freezesched.profiling._run import FlopAccountant, RunTotals, StateStats
+from freezesched.profiling._run import FlopAccountant, RunTotals, StateStats, run_table
 
 __all__ = [
     "FlopAccountant",
@@ -39,4 +39,5 @@ __all__ = [
     "project",
     "project_policies",
     "render_table",
+    "run_table",
 ]

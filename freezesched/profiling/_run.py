@@ -18,7 +18,7 @@ from freezesched.profiling._flops import FlopProfiler
 from freezesched.profiling._memory import SavedTensorMeter
 from freezesched.profiling._report import Format, render_table
 
-__all__ = ["FlopAccountant", "RunTotals", "StateStats"]
+__all__ = ["FlopAccountant", "RunTotals", "StateStats", "run_table"]
 
 
 @dataclass
@@ -239,6 +239,36 @@ class FlopAccountant:
             )
         return out
 
+    def summary(self, policy: str = "") -> dict[str, Any]:
+        """One Table III-style row for the whole run: FLOPs, estimated time, memory.
+
+        ``seconds`` estimates the run's wall time without the counting overhead: each
+        state's median uncounted step time times its steps (the counted steps' own time
+        when a state had no other). Memory is the largest per-state median.
+        """
+        totals = self.totals()
+        seconds = 0.0
+        for stats in self.states.values():
+            per_step = _median(stats.seconds)
+            seconds += stats.steps * (per_step if per_step is not None else 0.0)
+        steps = sum(s.steps for s in self.states.values())
+        frozen_steps = sum(s.steps for s in self.states.values() if any(s.state))
+        saved = [m for s in self.states.values() if (m := _median(s.saved_bytes)) is not None]
+        peak = [m for s in self.states.values() if (m := _median(s.peak_cuda_bytes)) is not None]
+        delta_measured = totals.delta_flops_measured
+        return {
+            "policy": policy,
+            "steps": steps,
+            "frozen_steps": frozen_steps,
+            "tflops_measured": totals.flops_measured / 1e12,
+            "delta_tflops_measured": None if delta_measured is None else delta_measured / 1e12,
+            "tflops_paper": totals.flops_paper / 1e12,
+            "delta_tflops_paper": totals.delta_flops_paper / 1e12,
+            "seconds": seconds,
+            "saved_mib": max(saved) / 2**20 if saved else None,
+            "peak_cuda_mib": max(peak) / 2**20 if peak else None,
+        }
+
     def report(self, fmt: Format = "text") -> str:
         """The per-state table (see :meth:`rows`) in ``fmt``."""
         columns = [
@@ -254,6 +284,45 @@ class FlopAccountant:
             ("peak_cuda_mib", "peak CUDA MiB"),
         ]
         return render_table(self.rows(), columns, fmt)
+
+
+RUN_COLUMNS = [
+    ("policy", "policy"),
+    ("frozen_steps", "frozen steps"),
+    ("tflops_measured", "TFLOPs"),
+    ("delta_tflops_measured", "ΔTFLOPs"),
+    ("delta_tflops_paper", "ΔTFLOPs (paper conv.)"),
+    ("seconds", "time (s)"),
+    ("delta_seconds", "ΔT (s)"),
+    ("saved_mib", "saved MiB"),
+    ("peak_cuda_mib", "peak CUDA MiB"),
+]
+
+
+def run_table(summaries: Sequence[dict[str, Any]], fmt: Format = "text") -> str:
+    """Table II/III-style comparison of runs, each a :meth:`FlopAccountant.summary`.
+
+    The first row is the baseline (full training): ``ΔT`` is against its time. A run whose
+    measured ΔTFLOPs is unknown (it never trained every module, e.g. a frozen backbone)
+    gets ``TFLOPs - baseline TFLOPs``, which is right when all runs train on the same
+    samples.
+
+    Examples:
+        >>> a = {"policy": "full", "tflops_measured": 2.0, "seconds": 10.0}
+        >>> b = {"policy": "frozen", "tflops_measured": 1.5, "seconds": 7.5}
+        >>> print(run_table([a, b], "csv").splitlines()[2])
+        frozen,,1.5,-0.5,,7.5,-2.5,,
+    """
+    rows = [dict(s) for s in summaries]
+    if rows:
+        base_time = rows[0].get("seconds")
+        base_flops = rows[0].get("tflops_measured")
+        for row in rows:
+            if base_time is not None and row.get("seconds") is not None:
+                row["delta_seconds"] = row["seconds"] - base_time
+            if row.get("delta_tflops_measured") is None and base_flops is not None:
+                row["delta_tflops_measured"] = row["tflops_measured"] - base_flops
+    return render_table(rows, RUN_COLUMNS, fmt)
 
 
 def _median(values: Sequence[float], scale: float = 1.0) -> float | None:
