@@ -20,14 +20,11 @@ from freezesched.freezing._mechanism import (
 )
 from freezesched.freezing._targets import ScheduleLike, check_schedule, decide
 from freezesched.schedules import BinarySchedule, Schedule, check_tick, schedule_from_config
+from freezesched.schedules._base import _describe
 
 __all__ = ["FreezeController", "OptimizerPolicy", "reset_optimizer_state"]
 
 OptimizerPolicy = Literal["keep", "reset"]
-
-
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
 
 
 def reset_optimizer_state(

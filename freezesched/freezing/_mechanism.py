@@ -32,16 +32,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from freezesched.schedules._base import _describe
+
 __all__ = ["FreezePolicy", "ModePolicy", "TrainableSpec"]
 
 ModePolicy = Literal["eval", "train"]
 TrainableSpec = str | type[nn.Module]
 
 _MODE_POLICIES = ("eval", "train")
-
-
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
 
 
 @dataclass(frozen=True)

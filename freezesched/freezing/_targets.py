@@ -9,16 +9,13 @@ import numpy as np
 from torch import nn
 
 from freezesched.schedules import BinarySchedule, Schedule, check_tick
+from freezesched.schedules._base import _describe
 
 __all__ = ["ScheduleLike", "as_modules", "check_schedule", "decide"]
 
 #: A schedule object, or any pure function of the tick returning ``bool`` (frozen) or a
 #: tuple of ``bool`` (one per stage), e.g. the DBF paper's ``freezing_scheduler(epoch)``.
 ScheduleLike: TypeAlias = Schedule | Callable[[int], bool] | Callable[[int], tuple[bool, ...]]
-
-
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
 
 
 def check_schedule(schedule: object, name: str = "schedule") -> ScheduleLike:
