@@ -48,9 +48,9 @@ class Net(nn.Module):
         return self.head(feats.mean(dim=(2, 3)))
 
 
-def make_net(seed: int = 0, **kwargs: object) -> Net:
+def make_net(seed: int = 0, *, dropout: float = 0.2, adapter: bool = False) -> Net:
     torch.manual_seed(seed)
-    return Net(**kwargs)  # type: ignore[arg-type]
+    return Net(dropout=dropout, adapter=adapter)
 
 
 def batch(step: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
