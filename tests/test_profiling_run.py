@@ -148,3 +148,24 @@ def test_run_table_compares_policies_like_table_iii():
     assert table[2]["saved_mib"] < table[0]["saved_mib"]
     assert all(r["seconds"] > 0 and r["peak_cuda_mib"] is None for r in table)
     assert run_table(rows).splitlines()[0].startswith("policy")
+
+
+def test_peak_cuda_memory_bookkeeping_with_a_fake_allocator(monkeypatch):
+    # No GPU here: the four torch.cuda calls are replaced by a fake allocator, which tests
+    # our bookkeeping (reset before a sampled step, read after, only for sampled steps).
+    calls = []
+    peaks = iter([3 * 2**20, 5 * 2**20])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(peaks))
+    model = make_net()
+    acct = FlopAccountant(model, samples_per_state=2)
+    for step in range(3):
+        with acct.step(batch_size=4):
+            model(batch(step)[0]).sum().backward()
+    stats = acct.states[()]
+    assert stats.peak_cuda_bytes == [3 * 2**20, 5 * 2**20]  # the third step was not sampled
+    assert calls == ["sync", "reset", "sync"] * 2
+    assert acct.rows()[0]["peak_cuda_mib"] == 4.0
+    assert acct.summary("x")["peak_cuda_mib"] == 4.0
