@@ -538,3 +538,29 @@ def test_ema_created_while_frozen_tracks_its_own_weights():
     assert torch.equal(ema(x), expected(x))
     assert not torch.equal(ema(x), model(x))
     ctrl.release()
+
+
+# --- torch.compile --------------------------------------------------------------------------
+
+
+def test_compiled_model_across_freeze_unfreeze_freeze_matches_eager():
+    # Dynamo must notice the guard's changes (requires_grad, the forward wrapper) and not
+    # reuse a stale graph (pytorch#139476). aot_eager traces like inductor, without a C++
+    # compiler, which keeps the test fast.
+    def run(compiled: bool) -> dict[str, torch.Tensor]:
+        torch._dynamo.reset()
+        model = make_net(dropout=0.0)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        guard = FrozenStageGuard(Step(2))
+        for tick in range(5):  # trainable, frozen, trainable, frozen, trainable
+            for step in range(2):
+                x, y = batch(10 * tick + step)
+                with guard(model.backbone, tick):
+                    nn.functional.cross_entropy(forward(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        return tensors(model)
+
+    eager, compiled = run(False), run(True)
+    assert bitwise_equal(compiled, eager), changed(compiled, eager)
