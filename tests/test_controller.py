@@ -299,3 +299,14 @@ def test_bad_model_and_tick():
     with pytest.raises(ValueError, match="tick must be an int >= 0, got -3"):
         ctrl.apply(-3)
     assert flags(model) == before and ctrl.tick is None
+
+
+def test_names_resolve_inside_a_data_parallel_wrapper():
+    model = make_net()
+    wrapped = torch.nn.DataParallel(model)  # on CPU it simply wraps
+    ctrl = FreezeController(wrapped, {"backbone": Step(2)})
+    assert ctrl.apply(1) == {"backbone": True}
+    assert not model.backbone[0][0].weight.requires_grad
+    loss_fn(wrapped, 0).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    ctrl.release()

@@ -60,6 +60,32 @@ def reset_optimizer_state(
     return dropped
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        inner: nn.Module = model.module
+        return inner
+    return model
+
+
+def _check_wrapper(model: nn.Module) -> None:
+    """Fail fast on a DDP setup that breaks as soon as a module is frozen for a step."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    if not model.find_unused_parameters:
+        raise ValueError(
+            "model is DistributedDataParallel with find_unused_parameters=False; frozen "
+            "parameters produce no gradient, so DDP fails ('Expected to have finished "
+            "reduction in the prior iteration') at the step after the first frozen one. "
+            "Wrap the model with DistributedDataParallel(..., find_unused_parameters=True)"
+        )
+    if getattr(model, "static_graph", False):
+        raise ValueError(
+            "model is DistributedDataParallel with static_graph=True, which assumes the same "
+            "parameters receive gradients every step; freezing changes that set. Use "
+            "static_graph=False with find_unused_parameters=True"
+        )
+
+
 class FreezeController:
     """Apply freeze schedules to named submodules at epoch (or any tick) granularity.
 
@@ -75,7 +101,9 @@ class FreezeController:
     (see :func:`reset_optimizer_state`).
 
     Args:
-        model: The model holding the submodules.
+        model: The model holding the submodules; names are looked up inside a
+            ``DataParallel`` / ``DistributedDataParallel`` wrapper's ``.module``. A DDP
+            model must have ``find_unused_parameters=True`` (checked).
         schedules: Maps a dotted submodule name (``"backbone"``, ``""`` for the whole
             model) to a schedule; a per-stage schedule is keyed by a tuple of names, one
             per stage. A schedule may be given as a config dict.
@@ -88,7 +116,8 @@ class FreezeController:
     Raises:
         TypeError: an argument has the wrong type.
         ValueError: a name does not exist in ``model``, a per-stage schedule has a
-            different number of stages than names, or a policy value is unknown.
+            different number of stages than names, a policy value is unknown, or ``model``
+            is a DDP without ``find_unused_parameters=True``.
 
     Examples:
         >>> import torch
@@ -135,10 +164,13 @@ class FreezeController:
         for i, opt in enumerate(optimizers):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"optimizers[{i}] must be a torch Optimizer, got {_describe(opt)}")
+        _check_wrapper(model)
         self.policy = FreezePolicy(bn=bn, dropout=dropout, trainable=trainable)
         self.on_unfreeze: OptimizerPolicy = on_unfreeze
         self.optimizers = tuple(optimizers)
         self.model = model
+        # Names are resolved inside (Distributed)DataParallel's wrapped module.
+        self._root: nn.Module = _unwrap(model)
         self._targets: list[tuple[tuple[str, ...], tuple[nn.Module, ...], ScheduleLike]] = []
         for key, spec in schedules.items():
             names = (key,) if isinstance(key, str) else key
@@ -171,9 +203,9 @@ class FreezeController:
 
     def _submodule(self, name: str) -> nn.Module:
         try:
-            return self.model.get_submodule(name)
+            return self._root.get_submodule(name)
         except AttributeError:
-            known = [n for n, _ in self.model.named_modules() if n][:12]
+            known = [n for n, _ in self._root.named_modules() if n][:12]
             raise ValueError(
                 f"schedules key {name!r} must name a submodule of model; it has none of that "
                 f"name (some it has: {known})"
