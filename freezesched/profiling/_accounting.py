@@ -32,7 +32,7 @@ from torch import nn
 
 from freezesched.freezing import FrozenStageGuard
 from freezesched.freezing._targets import ScheduleLike, check_schedule
-from freezesched.profiling._flops import FlopCount, FlopProfiler
+from freezesched.profiling._flops import FlopCount, FlopProfiler, StepFlops
 from freezesched.profiling._report import Format, render_table
 from freezesched.schedules import Schedule, check_tick
 
@@ -63,6 +63,24 @@ class StateCost:
     measured: FlopCount
     frozen_forward: int
 
+    @classmethod
+    def from_step(
+        cls, state: State, step: StepFlops, frozen: Sequence[str], batch_size: int
+    ) -> StateCost:
+        """The per-sample cost of one counted step of ``batch_size`` samples.
+
+        Args:
+            state: The step's freeze decisions.
+            step: What :class:`FlopProfiler` counted for the whole step.
+            frozen: Names of the frozen modules (relative to the profiled model).
+            batch_size: Samples in the step.
+        """
+        return cls(
+            state=tuple(state),
+            measured=step.total.scaled(1 / batch_size),
+            frozen_forward=round(step.forward_of(list(frozen)) / batch_size) if frozen else 0,
+        )
+
     @property
     def paper(self) -> int:
         """Per-sample FLOPs in the paper's convention: forward + 2 x trainable forward."""
@@ -82,14 +100,10 @@ def default_loss(output: Any) -> torch.Tensor:
     """
     if isinstance(output, torch.Tensor):
         return output.float().sum() if output.is_floating_point() else output.new_zeros(())
-    items = output.values() if isinstance(output, Mapping) else output
-    if isinstance(items, Sequence | type({}.values())):
+    items = list(output.values()) if isinstance(output, Mapping) else output
+    if isinstance(items, list | tuple) and items:
         terms = [default_loss(x) for x in items]
-        if terms:
-            total = terms[0]
-            for term in terms[1:]:
-                total = total + term.to(total.device)
-            return total
+        return sum((t.to(terms[0].device) for t in terms[1:]), terms[0])
     raise TypeError(f"default_loss cannot sum an output of type {type(output).__name__}")
 
 
@@ -145,11 +159,7 @@ def measure_state_cost(
         torch.autograd.backward(loss_fn(work(x)))
     result = prof.result
     frozen = [name for name, f in zip(modules, decisions, strict=True) if f]
-    return StateCost(
-        state=tuple(decisions),
-        measured=result.total.scaled(1 / batch),
-        frozen_forward=round(result.forward_of(frozen) / batch) if frozen else 0,
-    )
+    return StateCost.from_step(tuple(decisions), result, frozen, batch)
 
 
 def _states(schedule: ScheduleLike, epochs: int, num_modules: int) -> np.ndarray:

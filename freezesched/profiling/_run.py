@@ -174,16 +174,7 @@ class FlopAccountant:
         if not sampled:
             stats.seconds.append(elapsed)
             return
-        result = prof.result
-        cost = StateCost(
-            state=stats.state,
-            measured=result.total.scaled(1 / batch_size),
-            frozen_forward=(
-                round(result.forward_of(list(stats.frozen_modules)) / batch_size)
-                if stats.frozen_modules
-                else 0
-            ),
-        )
+        cost = StateCost.from_step(stats.state, prof.result, stats.frozen_modules, batch_size)
         if stats.cost is not None and stats.cost != cost:
             raise RuntimeError(
                 f"two sampled steps of freeze state {stats.state} cost differently per "
