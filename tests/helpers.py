@@ -95,3 +95,19 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     with SavedTensorMeter() as meter:
         fn()
     return meter.bytes
+
+
+def runs_in_eval(bn: nn.Module) -> bool:
+    """Whether a BatchNorm layer's forward currently behaves as in eval mode.
+
+    In train mode a forward updates the running statistics; in eval mode it does not.
+    The layer's ``.training`` flag is left as it was.
+    """
+    flag = bn.training
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        bn(torch.randn(4, bn.num_features, 3, 3))
+    after = bn.running_mean.clone()
+    bn.running_mean.copy_(before)
+    assert bn.training is flag
+    return torch.equal(before, after)

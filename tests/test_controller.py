@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import bitwise_equal, changed, flags, loss_fn, make_net, tensors
+from helpers import bitwise_equal, changed, flags, loss_fn, make_net, runs_in_eval, tensors
 
 from freezesched import (
     Constant,
@@ -122,7 +122,7 @@ def test_overlapping_targets_unfreezing_in_any_order_restore_exactly():
     ctrl.apply(1)  # both frozen
     ctrl.apply(2)  # the outer one unfreezes first, the inner stays frozen
     assert not model.backbone[0][0].weight.requires_grad
-    assert model.backbone[0][1].training is False
+    assert runs_in_eval(model.backbone[0][1])
     assert model.backbone[1][0].weight.requires_grad
     ctrl.release()
     assert flags(model) == before

@@ -14,6 +14,7 @@ from helpers import (
     flags,
     loss_fn,
     make_net,
+    runs_in_eval,
     saved_bytes,
     tensors,
 )
@@ -223,10 +224,38 @@ def test_bn_eval_policy_survives_model_train_and_restores_mode():
     before = tensors(model.backbone)
     with FrozenStageGuard(Constant(True))(model.backbone, 0):
         model.train()
-        assert bn.training is False and model.training is True
+        assert runs_in_eval(bn) and bn.training is True and model.training is True
         model.backbone(batch(0)[0])
         assert bitwise_equal(tensors(model.backbone), before)
-    assert bn.training is True and "train" not in bn.__dict__
+        bn.training = True  # set by hand, as Lightning does when it restores modes
+        assert runs_in_eval(bn)
+    assert bn.training is True and not runs_in_eval(bn)
+    assert not bn._forward_hooks and not bn._forward_pre_hooks
+
+
+def test_modes_restored_by_assignment_are_honoured_after_unfreezing():
+    # Lightning captures every module's .training before validation and assigns the
+    # values back afterwards, without calling train(); the BN must train after unfreezing.
+    model = make_net()
+    model.train()
+    bn = model.backbone[0][1]
+    with FrozenStageGuard(Constant(True))(model.backbone, 0):
+        captured = {name: m.training for name, m in model.named_modules()}
+        model.eval()
+        for name, m in model.named_modules():
+            m.training = captured[name]
+        assert runs_in_eval(bn)
+    assert bn.training is True and not runs_in_eval(bn)
+
+
+def test_a_forward_that_raises_leaves_the_pinned_mode_flag_intact():
+    model = make_net()
+    bn = model.backbone[0][1]
+    with FrozenStageGuard(Constant(True))(model.backbone, 0):
+        with pytest.raises(RuntimeError):
+            bn(torch.randn(2, bn.num_features + 1, 3, 3))
+        assert bn.training is True and runs_in_eval(bn)
+    assert not runs_in_eval(bn)
 
 
 def test_bn_train_policy_updates_running_stats_but_not_parameters():
@@ -349,7 +378,7 @@ def test_nested_overlapping_regions_freeze_the_union_and_restore_exactly():
         with guard(model.backbone[0], 0):
             assert not any(p.requires_grad for p in model.backbone.parameters())
         assert not any(p.requires_grad for p in model.backbone.parameters())  # outer holds
-        assert model.backbone[0][1].training is False
+        assert runs_in_eval(model.backbone[0][1])
     assert flags(model) == before
 
 
@@ -363,7 +392,7 @@ def test_overlapping_regions_exited_out_of_order_restore_exactly():
     outer.__exit__(None, None, None)  # not LIFO
     assert not any(p.requires_grad for p in model.backbone[0].parameters())
     assert all(p.requires_grad for p in model.backbone[1].parameters())
-    assert model.backbone[0][1].training is False and model.backbone[1][1].training is True
+    assert runs_in_eval(model.backbone[0][1]) and not runs_in_eval(model.backbone[1][1])
     inner.__exit__(None, None, None)
     assert flags(model) == before
 

@@ -8,8 +8,9 @@ Freezing a module ``m`` means, until the hold is released:
   (inputs, or parameters still trainable inside it) requires grad, so no activations
   are kept for backward; otherwise autograd runs normally and computes input
   gradients only;
-* BatchNorm-like and dropout layers follow a mode policy (``"eval"`` pins them to eval
-  mode, surviving ``model.train()``; ``"train"`` leaves them alone).
+* BatchNorm-like and dropout layers follow a mode policy (``"eval"`` runs each forward
+  of theirs in eval mode, whatever ``model.train()``, ``model.eval()`` or a framework
+  restoring ``.training`` flags does meanwhile; ``"train"`` leaves them alone).
 
 Holds are reference-counted per parameter and per module, so overlapping freezes
 (``backbone`` and ``backbone.layer1``, or two guards) combine as a union: an object is
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.hooks import RemovableHandle
 
 from freezesched.schedules._base import _describe
 
@@ -184,8 +186,7 @@ class _ParamHold:
 @dataclass
 class _ModeHold:
     module: nn.Module
-    requested: bool  # the mode last asked for by module.train()/eval(); restored at the end
-    own_train: Any  # an instance attribute `train` that existed before, or _MISSING
+    handles: tuple[RemovableHandle, RemovableHandle]
     count: int = 0
 
 
@@ -203,19 +204,30 @@ _MODES: dict[int, _ModeHold] = {}
 _FORWARDS: dict[int, _ForwardHold] = {}
 
 
-def is_frozen(param: torch.Tensor) -> bool:
-    """Whether ``param`` is currently held frozen by freezesched (a guard or controller).
+def is_frozen(obj: torch.Tensor | nn.Module) -> bool:
+    """Whether a parameter, or every parameter of a module, is held frozen by freezesched.
+
+    Args:
+        obj: A parameter, or a module (a module without parameters is never frozen).
+
+    Raises:
+        TypeError: ``obj`` is neither a tensor nor a module.
 
     Examples:
         >>> from freezesched import FrozenStageGuard, Constant
         >>> layer = nn.Linear(2, 2)
         >>> with FrozenStageGuard(Constant(True))(layer, 0):
-        ...     is_frozen(layer.weight)
-        True
-        >>> is_frozen(layer.weight)
-        False
+        ...     is_frozen(layer.weight), is_frozen(layer)
+        (True, True)
+        >>> is_frozen(layer.weight), is_frozen(layer)
+        (False, False)
     """
-    return id(param) in _PARAMS
+    if isinstance(obj, nn.Module):
+        params = list(obj.parameters())
+        return bool(params) and all(id(p) in _PARAMS for p in params)
+    if isinstance(obj, torch.Tensor):
+        return id(obj) in _PARAMS
+    raise TypeError(f"obj must be a parameter or an nn.Module, got {_describe(obj)}")
 
 
 def _hold_param(param: nn.Parameter) -> None:
@@ -258,30 +270,47 @@ class _ClassMethodCall:
         return (_ClassMethodCall, (self.module, self.name))
 
 
-class _PinnedTrain:
-    """Shadows ``module.train`` while pinned: records the requested mode, stays in eval."""
+class _EvalPin:
+    """A forward pre-hook (``enter``) or hook that runs a module in eval mode, call by call.
 
-    def __init__(self, hold: _ModeHold) -> None:
-        self.hold = hold
+    ``module.training`` keeps meaning what was last asked for (by ``train()``/``eval()``
+    or by assigning it, as Lightning does when it restores modes after validation); the
+    pin only switches it off for the duration of each forward and back afterwards, also
+    when the forward raises. Nothing needs restoring when the hold ends.
+    """
 
-    def __call__(self, mode: bool = True) -> nn.Module:
-        if not isinstance(mode, bool):
-            raise ValueError(f"training mode is expected to be boolean, got {_describe(mode)}")
-        self.hold.requested = mode  # remembered, applied when the hold ends
-        return self.hold.module
+    def __init__(self, saved: list[bool], *, enter: bool) -> None:
+        self.saved = saved  # shared by the pre-hook and the hook; a stack for re-entry
+        self.enter = enter
 
-    def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
-        return (_ClassMethodCall, (self.hold.module, "train"))
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        if self.enter:
+            self.saved.append(module.training)
+            module.training = False
+        else:
+            module.training = self.saved.pop()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        # A copy of a pinned module (deepcopy for EMA, pickling) gets inert hooks.
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a pin becomes in a copy of a pinned module: a hook that does nothing."""
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        return None
 
 
 def _hold_mode(module: nn.Module) -> None:
     hold = _MODES.get(id(module))
     if hold is None:
-        own = module.__dict__.get("train", _MISSING)
-        hold = _MODES[id(module)] = _ModeHold(module, module.training, own)
-        module.training = False
-        # An instance attribute shadows nn.Module.train, so model.train() reaches it.
-        module.__dict__["train"] = _PinnedTrain(hold)
+        saved: list[bool] = []
+        handles = (
+            module.register_forward_pre_hook(_EvalPin(saved, enter=True), prepend=True),
+            module.register_forward_hook(_EvalPin(saved, enter=False), always_call=True),
+        )
+        hold = _MODES[id(module)] = _ModeHold(module, handles)
     hold.count += 1
 
 
@@ -291,11 +320,8 @@ def _release_mode(module: nn.Module) -> None:
     if hold.count:
         return
     del _MODES[id(module)]
-    if hold.own_train is _MISSING:
-        module.__dict__.pop("train", None)
-    else:
-        module.__dict__["train"] = hold.own_train
-    module.training = hold.requested
+    for handle in hold.handles:
+        handle.remove()
 
 
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)

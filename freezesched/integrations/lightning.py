@@ -1,0 +1,151 @@
+"""A Lightning callback that freezes submodules of a ``LightningModule`` on a schedule.
+
+Example::
+
+    import lightning.pytorch as pl
+    from freezesched import Step, WarmupThenFreeze
+    from freezesched.integrations.lightning import FreezeScheduleCallback
+
+    freeze = FreezeScheduleCallback("backbone", WarmupThenFreeze(12, then=Step(5)))
+    pl.Trainer(callbacks=[freeze], max_epochs=60).fit(model)
+
+Unlike Lightning's ``BaseFinetuning``, the optimizer keeps every parameter from the
+start (a frozen parameter simply gets no gradient, so no optimizer updates it, weight
+decay included): there are no parameter groups to add on unfreeze, and resuming needs
+no replay of past unfreezes. BatchNorm is pinned to eval mode while frozen instead of
+having ``track_running_stats`` flipped (which makes BatchNorm normalise with batch
+statistics and changes the model's outputs), and the pin survives the ``model.train()``
+calls Lightning makes after each validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from freezesched.freezing import FreezeController, OptimizerPolicy
+from freezesched.freezing._mechanism import ModePolicy, TrainableSpec
+from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name
+
+__all__ = ["FreezeScheduleCallback"]
+
+
+class FreezeScheduleCallback(pl.Callback):
+    """Freeze submodules of the ``LightningModule`` by epoch or by optimizer step.
+
+    The schedule is applied at ``trainer.current_epoch`` before each training epoch
+    (``by_epoch=True``) or at ``trainer.global_step`` before each batch. The state of
+    each module is logged as ``frozen/<module>`` (1.0 = frozen), the controller's state
+    is saved in Lightning checkpoints so that ``fit(ckpt_path=...)`` continues with the
+    same decisions (and the same ``on_unfreeze`` resets) as an uninterrupted run, and
+    everything is unfrozen when training ends.
+
+    Args:
+        module: Dotted name of the submodule of the ``LightningModule`` (``""`` for all
+            of it), or a list of names for a per-stage schedule.
+        schedule: A schedule, its config dict, or a callable ``tick -> bool``.
+        schedules: Instead of ``module``/``schedule``: a mapping of name to schedule.
+        by_epoch: Ticks are epochs (default) or optimizer steps.
+        on_unfreeze: ``"keep"`` or ``"reset"`` the optimizer state of unfrozen parameters.
+        bn: BatchNorm mode while frozen.
+        dropout: Dropout mode while frozen.
+        trainable: Patterns or module types that stay trainable inside frozen modules.
+        log: Log ``frozen/<module>`` through ``LightningModule.log``.
+
+    Raises:
+        TypeError, ValueError: a bad argument (at construction); a module name the model
+            lacks, or DDP without ``find_unused_parameters=True`` (when training starts).
+
+    Examples:
+        >>> from freezesched import Step
+        >>> FreezeScheduleCallback("backbone", Step(5)).state_key
+        "FreezeScheduleCallback{'modules': ['backbone']}"
+    """
+
+    def __init__(
+        self,
+        module: str | Sequence[str] = "backbone",
+        schedule: ScheduleSpec | None = None,
+        *,
+        schedules: Mapping[Any, ScheduleSpec] | None = None,
+        by_epoch: bool = True,
+        on_unfreeze: OptimizerPolicy = "keep",
+        bn: ModePolicy = "eval",
+        dropout: ModePolicy = "eval",
+        trainable: Sequence[TrainableSpec] = (),
+        log: bool = True,
+    ) -> None:
+        self.spec = FreezeSpec(
+            module=module,
+            schedule=schedule,
+            schedules=schedules,
+            by_epoch=by_epoch,
+            on_unfreeze=on_unfreeze,
+            bn=bn,
+            dropout=dropout,
+            trainable=tuple(trainable),
+        )
+        self.log = log
+        self.controller: FreezeController | None = None
+        self._resumed: Mapping[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints (unique per set of modules)."""
+        names = [n for key in self.spec.targets for n in ((key,) if isinstance(key, str) else key)]
+        return self._generate_state_key(modules=names)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the DDP setup, build the controller, re-enter a resumed checkpoint's state."""
+        wrapped = trainer.strategy.model
+        if (
+            isinstance(wrapped, nn.parallel.DistributedDataParallel)
+            and not wrapped.find_unused_parameters
+        ):
+            raise ValueError(
+                "the Trainer wraps the model in DistributedDataParallel with "
+                "find_unused_parameters=False; frozen parameters get no gradient and DDP "
+                "fails at the next step. Use Trainer(strategy='ddp_find_unused_parameters_true')"
+                " or DDPStrategy(find_unused_parameters=True)"
+            )
+        self.controller = self.spec.controller(pl_module, list(trainer.optimizers))
+        if self._resumed:
+            self.controller.load_state_dict(self._resumed, strict=False)
+            self._resumed = None
+
+    def _apply(self, tick: int, pl_module: pl.LightningModule) -> None:
+        if self.controller is None:
+            raise RuntimeError("FreezeScheduleCallback: on_train_start was not called")
+        frozen = self.controller.apply(tick)
+        if self.log:
+            for module, state in frozen.items():
+                pl_module.log(log_name(module), float(state), on_step=True, batch_size=1)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Apply the schedule at ``trainer.current_epoch`` (by-epoch ticks)."""
+        if self.spec.by_epoch and self.controller is not None:
+            self.controller.apply(trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Apply the schedule at ``trainer.global_step`` (by-step ticks); log the state."""
+        self._apply(trainer.current_epoch if self.spec.by_epoch else trainer.global_step, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Unfreeze everything."""
+        if self.controller is not None:
+            self.controller.release()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state (its last tick), saved in Lightning checkpoints."""
+        if self.controller is None or self.controller.tick is None:
+            return {}
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's controller state; ``on_train_start`` re-enters it."""
+        self._resumed = state_dict or None
