@@ -236,6 +236,26 @@ class FreezeController:
         """
         return self._apply(tick, reset=self.on_unfreeze == "reset")
 
+    def restore(self, tick: int) -> dict[str, bool]:
+        """Enter the freeze state of ``tick`` as a resumed run: optimizer state untouched.
+
+        Use it once, when resuming, with the tick of the last :meth:`apply` before the
+        checkpoint (the optimizer state restored from the checkpoint already reflects
+        that tick); the next :meth:`apply` then makes the same transitions, and the same
+        ``on_unfreeze`` resets, as the uninterrupted run. :meth:`load_state_dict` does
+        this with a saved tick.
+
+        Examples:
+            >>> from torch import nn
+            >>> from freezesched import FreezeController, Step
+            >>> model = nn.Sequential(nn.Linear(2, 2))
+            >>> ctrl = FreezeController(model, {"0": Step(2)})
+            >>> ctrl.restore(1), ctrl.apply(2)
+            ({'0': True}, {'0': False})
+            >>> ctrl.release()
+        """
+        return self._apply(tick, reset=False)
+
     def _apply(self, tick: int, *, reset: bool) -> dict[str, bool]:
         tick = check_tick(tick, "tick")
         wanted = [decide(s, tick, len(mods)) for _, mods, s in self._targets]  # all or nothing
@@ -320,4 +340,4 @@ class FreezeController:
         if tick is None:
             self.release()
         else:
-            self._apply(tick, reset=False)
+            self.restore(tick)
