@@ -6,6 +6,7 @@ applies that decision to a region of code and restores the module exactly afterw
 """
 
 from freezesched.freezing import (
+    FreezeAwareGradScaler,
     FreezeController,
     FreezePolicy,
     FrozenRegion,
@@ -14,6 +15,7 @@ from freezesched.freezing import (
     OptimizerPolicy,
     ScheduleLike,
     TrainableSpec,
+    has_grads,
     is_frozen,
     reset_optimizer_state,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "BinarySchedule",
     "Constant",
     "Cosine",
+    "FreezeAwareGradScaler",
     "FreezeController",
     "FreezePolicy",
     "FrozenRegion",
@@ -55,6 +58,7 @@ __all__ = [
     "TrainableSpec",
     "WarmupThenFreeze",
     "__version__",
+    "has_grads",
     "is_frozen",
     "reset_optimizer_state",
     "schedule_from_config",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -26,6 +27,7 @@ from freezesched import (
     FrozenStageGuard,
     Layerwise,
     Step,
+    WarmupThenFreeze,
     is_frozen,
 )
 
@@ -569,7 +571,71 @@ def test_ema_created_while_frozen_tracks_its_own_weights():
     ctrl.release()
 
 
+def test_ema_through_a_frozen_phase_converges_geometrically_to_the_frozen_weights():
+    # Documented behaviour (docs/concepts.md, "EMA"): nothing special happens. The EMA
+    # keeps averaging; a frozen part's live weights and BN statistics are constant, so
+    # its EMA closes the gap by the decay factor each step: e' - w = d (e - w).
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    decay = 0.5
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ctrl = FreezeController(model, {"backbone": WarmupThenFreeze(2)})
+    gaps = []
+    for step in range(5):
+        ctrl.apply(step)
+        loss_fn(model, step).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update_parameters(model)
+        live = tensors(model.backbone)
+        averaged = tensors(ema.module.backbone)
+        gaps.append(
+            {k: averaged[k].double() - live[k].double() for k in live if "num_batches" not in k}
+        )
+    for before, after in itertools.pairwise(gaps[2:]):  # steps 2..4: backbone frozen
+        for k in before:
+            torch.testing.assert_close(after[k], decay * before[k], rtol=1e-5, atol=1e-7)
+    assert any(bool(g.abs().max() > 0) for g in gaps[-1].values())  # not trivially zero
+    ctrl.release()
+
+
 # --- torch.compile --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("face", ["guard per step", "controller per epoch"])
+def test_compiled_model_compiles_once_per_freeze_state_not_per_switch(face):
+    # Each freeze state needs its own graph; switching back to a state seen before must
+    # reuse it. (Before the guard cached its forward wrapper per module, every frozen
+    # step recompiled, until dynamo's recompile limit silently fell back to eager.)
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = make_net(dropout=0.0)
+    forward = torch.compile(model, backend=counter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = FrozenStageGuard(Step(2))
+    ctrl = FreezeController(model, {"backbone": Step(2)}) if face.startswith("controller") else None
+    frames = []
+    for epoch in range(6):
+        if ctrl is not None:
+            ctrl.apply(epoch)
+        for step in range(3):
+            x, y = batch(10 * epoch + step)
+            if ctrl is None:
+                with guard(model.backbone, epoch):
+                    nn.functional.cross_entropy(forward(x), y).backward()
+            else:
+                nn.functional.cross_entropy(forward(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] > frames[0]  # one graph per state ...
+    assert frames[1:] == [frames[1]] * 5  # ... and none after both states were seen
+    if ctrl is not None:
+        ctrl.release()
 
 
 def test_compiled_model_across_freeze_unfreeze_freeze_matches_eager():

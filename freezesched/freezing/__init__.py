@@ -3,6 +3,7 @@
 Both are thin faces of one mechanism (:mod:`freezesched.freezing._mechanism`).
 """
 
+from freezesched.freezing._amp import FreezeAwareGradScaler, has_grads
 from freezesched.freezing._controller import (
     FreezeController,
     OptimizerPolicy,
@@ -13,6 +14,7 @@ from freezesched.freezing._mechanism import FreezePolicy, ModePolicy, TrainableS
 from freezesched.freezing._targets import ScheduleLike
 
 __all__ = [
+    "FreezeAwareGradScaler",
     "FreezeController",
     "FreezePolicy",
     "FrozenRegion",
@@ -21,6 +23,7 @@ __all__ = [
     "OptimizerPolicy",
     "ScheduleLike",
     "TrainableSpec",
+    "has_grads",
     "is_frozen",
     "reset_optimizer_state",
 ]

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.hooks import RemovableHandle
 
 from freezesched.schedules._base import _describe
 
@@ -184,24 +183,19 @@ class _ParamHold:
 
 
 @dataclass
-class _ModeHold:
-    module: nn.Module
-    handles: tuple[RemovableHandle, RemovableHandle]
-    count: int = 0
-
-
-@dataclass
-class _ForwardHold:
+class _ModuleHold:
     module: nn.Module
     own_forward: Any  # an instance attribute `forward` that existed before, or _MISSING
-    wrapper: _NoGradForward
-    count: int = 0
+    wrapper: _FrozenForward
+    grad: int = 0  # holds as a frozen module: no graph when nothing needs one
+    eval: int = 0  # holds as a pinned BatchNorm/dropout layer: eval mode per call
 
 
 _MISSING = object()
 _PARAMS: dict[int, _ParamHold] = {}
-_MODES: dict[int, _ModeHold] = {}
-_FORWARDS: dict[int, _ForwardHold] = {}
+_MODULES: dict[int, _ModuleHold] = {}
+#: Instance attribute caching a module's wrapper between holds (see _FrozenForward).
+_CACHE_ATTR = "_freezesched_forward"
 
 
 def is_frozen(obj: torch.Tensor | nn.Module) -> bool:
@@ -270,60 +264,6 @@ class _ClassMethodCall:
         return (_ClassMethodCall, (self.module, self.name))
 
 
-class _EvalPin:
-    """A forward pre-hook (``enter``) or hook that runs a module in eval mode, call by call.
-
-    ``module.training`` keeps meaning what was last asked for (by ``train()``/``eval()``
-    or by assigning it, as Lightning does when it restores modes after validation); the
-    pin only switches it off for the duration of each forward and back afterwards, also
-    when the forward raises. Nothing needs restoring when the hold ends.
-    """
-
-    def __init__(self, saved: list[bool], *, enter: bool) -> None:
-        self.saved = saved  # shared by the pre-hook and the hook; a stack for re-entry
-        self.enter = enter
-
-    def __call__(self, module: nn.Module, *args: Any) -> None:
-        if self.enter:
-            self.saved.append(module.training)
-            module.training = False
-        else:
-            module.training = self.saved.pop()
-
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        # A copy of a pinned module (deepcopy for EMA, pickling) gets inert hooks.
-        return (_InertHook, ())
-
-
-class _InertHook:
-    """What a pin becomes in a copy of a pinned module: a hook that does nothing."""
-
-    def __call__(self, module: nn.Module, *args: Any) -> None:
-        return None
-
-
-def _hold_mode(module: nn.Module) -> None:
-    hold = _MODES.get(id(module))
-    if hold is None:
-        saved: list[bool] = []
-        handles = (
-            module.register_forward_pre_hook(_EvalPin(saved, enter=True), prepend=True),
-            module.register_forward_hook(_EvalPin(saved, enter=False), always_call=True),
-        )
-        hold = _MODES[id(module)] = _ModeHold(module, handles)
-    hold.count += 1
-
-
-def _release_mode(module: nn.Module) -> None:
-    hold = _MODES[id(module)]
-    hold.count -= 1
-    if hold.count:
-        return
-    del _MODES[id(module)]
-    for handle in hold.handles:
-        handle.remove()
-
-
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 
 
@@ -344,44 +284,96 @@ def _may_require_grad(obj: object) -> bool:
     return True
 
 
-class _NoGradForward:
-    """Shadows ``module.forward`` while frozen: no graph when nothing needs one."""
+class _FrozenForward:
+    """Shadows ``module.forward`` while the module is held; one object per module.
 
-    def __init__(self, module: nn.Module, inner: Callable[..., Any]) -> None:
+    As a frozen module (``no_grad``), the forward runs under :func:`torch.no_grad` when
+    nothing flowing in needs grad. As a pinned BatchNorm/dropout layer (``eval``), each
+    call runs with ``training=False`` and puts the flag back afterwards (also when the
+    forward raises): ``module.training`` keeps meaning what was last asked for, by
+    ``train()``/``eval()`` or by assignment (Lightning restores modes that way after
+    validation), so nothing needs restoring when the hold ends.
+
+    The object is cached on the module and reused by every later hold, so that
+    ``torch.compile`` sees the same ``forward`` each time a module is frozen again and
+    reuses the graph it compiled for that state instead of recompiling.
+    """
+
+    def __init__(self, module: nn.Module, own: Any) -> None:
         self.module = module
-        self.inner = inner
+        self.own = own  # the instance `forward` it shadows, or _MISSING for the class's
         self.params = list(module.parameters())
+        self.no_grad = False
+        self.eval = False
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() and not (
-            any(p.requires_grad for p in self.params)
-            or _may_require_grad(args)
-            or _may_require_grad(kwargs)
+    def _inner(self, *args: Any, **kwargs: Any) -> Any:
+        if self.own is _MISSING:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.own(*args, **kwargs)
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if (
+            self.no_grad
+            and torch.is_grad_enabled()
+            and not (
+                any(p.requires_grad for p in self.params)
+                or _may_require_grad(args)
+                or _may_require_grad(kwargs)
+            )
         ):
             with torch.no_grad():
-                return self.inner(*args, **kwargs)
-        return self.inner(*args, **kwargs)
+                return self._inner(*args, **kwargs)
+        return self._inner(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.eval:
+            return self._run(args, kwargs)
+        module = self.module
+        flag = module.training
+        module.training = False
+        try:
+            return self._run(args, kwargs)
+        finally:
+            module.training = flag
 
     def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
         return (_ClassMethodCall, (self.module, "forward"))
 
 
-def _hold_forward(module: nn.Module) -> None:
-    hold = _FORWARDS.get(id(module))
+def _hold_module(module: nn.Module, *, as_eval: bool) -> None:
+    hold = _MODULES.get(id(module))
     if hold is None:
         own = module.__dict__.get("forward", _MISSING)
-        wrapper = _NoGradForward(module, module.forward)
-        hold = _FORWARDS[id(module)] = _ForwardHold(module, own, wrapper)
+        wrapper = module.__dict__.get(_CACHE_ATTR)
+        if not (
+            isinstance(wrapper, _FrozenForward) and wrapper.module is module and wrapper.own is own
+        ):
+            wrapper = _FrozenForward(module, own)
+            module.__dict__[_CACHE_ATTR] = wrapper
+        params = list(module.parameters())
+        if len(params) != len(wrapper.params) or any(
+            a is not b for a, b in zip(params, wrapper.params, strict=True)
+        ):
+            wrapper.params = params
+        hold = _MODULES[id(module)] = _ModuleHold(module, own, wrapper)
         module.__dict__["forward"] = wrapper
-    hold.count += 1
+    if as_eval:
+        hold.eval += 1
+    else:
+        hold.grad += 1
+    hold.wrapper.eval, hold.wrapper.no_grad = hold.eval > 0, hold.grad > 0
 
 
-def _release_forward(module: nn.Module) -> None:
-    hold = _FORWARDS[id(module)]
-    hold.count -= 1
-    if hold.count:
+def _release_module(module: nn.Module, *, as_eval: bool) -> None:
+    hold = _MODULES[id(module)]
+    if as_eval:
+        hold.eval -= 1
+    else:
+        hold.grad -= 1
+    hold.wrapper.eval, hold.wrapper.no_grad = hold.eval > 0, hold.grad > 0
+    if hold.eval or hold.grad:
         return
-    del _FORWARDS[id(module)]
+    del _MODULES[id(module)]
     if module.__dict__.get("forward") is not hold.wrapper:
         warnings.warn(
             f"{type(module).__name__}.forward was replaced while the module was frozen; "
@@ -413,9 +405,9 @@ class FreezeHandle:
                 _hold_param(param)
                 done.append(functools.partial(_release_param, param))
             for sub in self._pinned:
-                _hold_mode(sub)
-                done.append(functools.partial(_release_mode, sub))
-            _hold_forward(self.module)
+                _hold_module(sub, as_eval=True)
+                done.append(functools.partial(_release_module, sub, as_eval=True))
+            _hold_module(self.module, as_eval=False)
         except BaseException:
             for undo in reversed(done):
                 undo()
@@ -432,9 +424,9 @@ class FreezeHandle:
         if not self._active:
             return []
         self._active = False
-        _release_forward(self.module)
+        _release_module(self.module, as_eval=False)
         for sub in reversed(self._pinned):
-            _release_mode(sub)
+            _release_module(sub, as_eval=True)
         return [p for p in reversed(self.params) if _release_param(p)]
 
 
