@@ -111,6 +111,37 @@ def test_plain_loop_example(monkeypatch, capsys):
     assert "frozen" in capsys.readouterr().out
 
 
+def test_mmengine_example(tmp_path):
+    runner = runpy.run_path(str(ROOT / "examples" / "mmengine_runner.py"))["main"](
+        epochs=4, work_dir=str(tmp_path), size=16
+    )
+    log = next(tmp_path.glob("*/*.log")).read_text()
+    expected = [WarmupThenFreeze(2, then=Step(3))(e) for e in range(4)]
+    for epoch, frozen in enumerate(expected, start=1):
+        assert f"Epoch(train) [{epoch}][2/2]" in log
+        line = next(x for x in log.splitlines() if f"Epoch(train) [{epoch}][2/2]" in x)
+        assert f"frozen/backbone: {float(frozen):.4f}" in line
+    assert all(p.requires_grad for p in runner.model.parameters())  # released at the end
+
+
+def test_lightning_example(capsys):
+    history = runpy.run_path(str(ROOT / "examples" / "lightning_trainer.py"))["main"](
+        epochs=5, samples=32
+    )
+    assert history == [WarmupThenFreeze(2, then=Step(3))(e) for e in range(5)]
+    assert "backbone frozen" in capsys.readouterr().out
+
+
+def test_hf_example(tmp_path, capsys):
+    logs = runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"))["main"](
+        epochs=5, samples=32, output_dir=str(tmp_path)
+    )
+    assert [e["frozen/backbone"] for e in logs] == [
+        float(WarmupThenFreeze(2, then=Step(3))(e)) for e in range(5)
+    ]
+    assert "frozen/backbone 1.0" in capsys.readouterr().out
+
+
 def test_readme_cli_examples_print_what_the_readme_says(capsys):
     import shlex
 
