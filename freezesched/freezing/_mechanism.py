@@ -107,9 +107,10 @@ class FreezePolicy:
 @dataclass
 class _Plan:
     module: nn.Module
-    params: list[nn.Parameter]
+    params: list[nn.Parameter]  # to freeze
     pinned: list[nn.Module]
     matched: set[int]  # indices into policy.trainable that matched something
+    every_param: list[nn.Parameter]  # all of the module's, trainable exceptions included
 
 
 def _matches(name: str, module: nn.Module | None, specs: Sequence[TrainableSpec]) -> set[int]:
@@ -123,39 +124,67 @@ def _matches(name: str, module: nn.Module | None, specs: Sequence[TrainableSpec]
     return hits
 
 
+def _walk(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """``named_modules(remove_duplicate=False)`` in the same order, without recursion.
+
+    Planning runs on every guarded step; nested generators made it the guard's main cost.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", module)]
+    while stack:
+        name, sub = stack.pop()
+        yield name, sub
+        children = [
+            (f"{name}.{k}" if name else k, m) for k, m in sub._modules.items() if m is not None
+        ]
+        stack.extend(reversed(children))
+
+
 def plan_freeze(module: nn.Module, policy: FreezePolicy) -> _Plan:
     """Work out what freezing ``module`` under ``policy`` touches, without touching it."""
     specs = policy.trainable
     matched: set[int] = set()
     exempt_prefixes: list[str] = []
     pinned: list[nn.Module] = []
-    for name, sub in module.named_modules():
-        hits = _matches(name, sub, specs)
-        matched |= hits  # count matches inside exempt subtrees too
-        if any(name == p or name.startswith(p + ".") for p in exempt_prefixes):
-            continue
-        if hits:
-            exempt_prefixes.append(name)
-            continue
-        if (policy.bn == "eval" and isinstance(sub, _NormBase)) or (
-            policy.dropout == "eval" and isinstance(sub, _DropoutNd)
-        ):
-            pinned.append(sub)
-
-    def exempt(name: str) -> bool:
-        module_name = name.rpartition(".")[0]
-        return any(module_name == p or module_name.startswith(p + ".") for p in exempt_prefixes)
-
+    pinned_ids: set[int] = set()
     exempt_ids: set[int] = set()
     seen: dict[int, nn.Parameter] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        seen.setdefault(id(param), param)
-        hits = _matches(name, None, specs)
-        matched |= hits
-        if hits or exempt(name):
-            exempt_ids.add(id(param))
+    # One traversal, aliases included (a shared submodule or tied parameter is seen under
+    # each of its names, so a pattern may match any of them).
+    for name, sub in _walk(module):
+        hits = _matches(name, sub, specs) if specs else set()
+        matched |= hits  # count matches inside exempt subtrees too
+        under = bool(exempt_prefixes) and any(
+            name == p or name.startswith(p + ".") for p in exempt_prefixes
+        )
+        exempt_sub = under or bool(hits)
+        if hits and not under:
+            exempt_prefixes.append(name)
+        if (
+            not exempt_sub
+            and (
+                (policy.bn == "eval" and isinstance(sub, _NormBase))
+                or (policy.dropout == "eval" and isinstance(sub, _DropoutNd))
+            )
+            and id(sub) not in pinned_ids
+        ):
+            pinned_ids.add(id(sub))
+            pinned.append(sub)
+        for pname, param in sub._parameters.items():
+            if param is None:
+                continue
+            seen.setdefault(id(param), param)
+            phits = _matches(f"{name}.{pname}" if name else pname, None, specs) if specs else set()
+            matched |= phits
+            if phits or exempt_sub:
+                exempt_ids.add(id(param))
     params = [p for key, p in seen.items() if key not in exempt_ids]
-    return _Plan(module=module, params=params, pinned=pinned, matched=matched)
+    return _Plan(
+        module=module,
+        params=params,
+        pinned=pinned,
+        matched=matched,
+        every_param=list(seen.values()),
+    )
 
 
 def check_patterns_matched(policy: FreezePolicy, plans: Iterable[_Plan], where: str) -> None:
@@ -340,7 +369,9 @@ class _FrozenForward:
         return (_ClassMethodCall, (self.module, "forward"))
 
 
-def _hold_module(module: nn.Module, *, as_eval: bool) -> None:
+def _hold_module(
+    module: nn.Module, *, as_eval: bool, params: list[nn.Parameter] | None = None
+) -> None:
     hold = _MODULES.get(id(module))
     if hold is None:
         own = module.__dict__.get("forward", _MISSING)
@@ -350,16 +381,17 @@ def _hold_module(module: nn.Module, *, as_eval: bool) -> None:
         ):
             wrapper = _FrozenForward(module, own)
             module.__dict__[_CACHE_ATTR] = wrapper
-        params = list(module.parameters())
-        if len(params) != len(wrapper.params) or any(
-            a is not b for a, b in zip(params, wrapper.params, strict=True)
-        ):
-            wrapper.params = params
         hold = _MODULES[id(module)] = _ModuleHold(module, own, wrapper)
         module.__dict__["forward"] = wrapper
     if as_eval:
         hold.eval += 1
     else:
+        if not hold.grad:  # the parameters the no-grad test looks at, if they changed
+            params = list(module.parameters()) if params is None else params
+            if len(params) != len(hold.wrapper.params) or any(
+                a is not b for a, b in zip(params, hold.wrapper.params, strict=True)
+            ):
+                hold.wrapper.params = params
         hold.grad += 1
     hold.wrapper.eval, hold.wrapper.no_grad = hold.eval > 0, hold.grad > 0
 
@@ -395,6 +427,7 @@ class FreezeHandle:
         self.module = plan.module
         self.params = tuple(plan.params)
         self._pinned = tuple(plan.pinned)
+        self._every_param = plan.every_param
         self._active = False
 
     def _acquire(self) -> None:
@@ -407,7 +440,7 @@ class FreezeHandle:
             for sub in self._pinned:
                 _hold_module(sub, as_eval=True)
                 done.append(functools.partial(_release_module, sub, as_eval=True))
-            _hold_module(self.module, as_eval=False)
+            _hold_module(self.module, as_eval=False, params=self._every_param)
         except BaseException:
             for undo in reversed(done):
                 undo()

@@ -1,0 +1,259 @@
+"""What one training step costs with the backbone frozen, by six ways of freezing it.
+
+    python benchmarks/step_savings.py [--quick] [--reps 15] [--size 128] [--json PATH]
+
+A ResNet-18 backbone with a detection-like head (benchmarks/_models.py), batch 8, SGD
+with momentum over all parameters. Per step (forward, backward, optimizer step): wall
+time, bytes autograd keeps for backward (distinct storages) and FLOPs executed (the
+profiler). The variants run interleaved in the same process, in a shuffled order each
+repetition, after a warm-up; medians are reported, with ratios to the ideal:
+
+1. full       full training (nothing frozen)
+2. freezesched  FrozenStageGuard with the backbone frozen (bn="eval")
+3. ideal      a hand-written `torch.no_grad()` backbone in eval mode
+4. detach     the DBF paper's official code: backbone forward with grad, `out.detach()`
+5. no-grad-flag  `backbone.requires_grad_(False)` only (BN keeps updating its statistics)
+6. lightning  Lightning's `BaseFinetuning.freeze(backbone, train_bn=False)` (if installed;
+              it sets BN `track_running_stats=False`: batch statistics, not running ones)
+
+Then: the guard's own cost per step (enter + exit) against a trainable step; the measured
+frozen-step speedup against the speedup the FLOP counts predict; and the cost per step of
+layer-wise progressive freezing as 0..5 backbone stages freeze. On CUDA (`--device cuda`,
+the default when available) the peak memory per step is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _models import ResNet18Detector
+from torch import nn
+
+from freezesched import Constant, FrozenStageGuard, Layerwise, Step
+from freezesched.profiling import SavedTensorMeter, count_flops
+
+Step_ = Callable[[], None]
+
+
+def make_variants(model: ResNet18Detector, x: torch.Tensor) -> dict[str, Step_]:
+    backbone, head = model.backbone, model.head
+    guard = FrozenStageGuard(Constant(True))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def finish(loss: torch.Tensor) -> None:
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def full() -> None:
+        finish(model(x).square().mean())
+
+    def freezesched() -> None:
+        with guard(backbone, 0):
+            finish(model(x).square().mean())
+
+    def ideal() -> None:
+        backbone.eval()
+        with torch.no_grad():
+            features = backbone(x)
+        backbone.train()
+        finish(head(features).square().mean())
+
+    def detach() -> None:
+        finish(head(backbone(x).detach()).square().mean())
+
+    def no_grad_flag() -> None:
+        backbone.requires_grad_(False)
+        try:
+            finish(model(x).square().mean())
+        finally:
+            backbone.requires_grad_(True)
+
+    variants = {"full": full, "freezesched": freezesched, "ideal": ideal, "detach": detach,
+                "no-grad-flag": no_grad_flag}  # fmt: skip
+    try:
+        from lightning.pytorch.callbacks import BaseFinetuning
+    except ImportError:
+        return variants
+
+    def lightning() -> None:
+        BaseFinetuning.freeze(backbone, train_bn=False)
+        try:
+            finish(model(x).square().mean())
+        finally:
+            BaseFinetuning.make_trainable(backbone)  # restores requires_grad and BN stats
+            for m in backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.track_running_stats = True
+
+    variants["lightning"] = lightning
+    return variants
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Step_, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def saved_bytes(step: Step_) -> int:
+    with SavedTensorMeter() as meter:
+        step()
+    return meter.bytes
+
+
+def peak_bytes(step: Step_, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def guard_overhead(model: ResNet18Detector, calls: int) -> dict[str, float]:
+    """Median seconds of one enter + exit, trainable and frozen ticks."""
+    guard = FrozenStageGuard(Step(2))
+    out = {}
+    for name, tick in (("trainable", 0), ("frozen", 1)):
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            with guard(model.backbone, tick):
+                pass
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="64x64, 5 repetitions")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.reps = 64, 5
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = ResNet18Detector().to(device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    variants = make_variants(model, x)
+    names = list(variants)
+
+    flops = {n: count_flops(variants[n], model).total.total for n in names}
+    saved = {n: saved_bytes(variants[n]) for n in names}
+    peak = {n: peak_bytes(variants[n], device) for n in names}
+    for _ in range(2):  # warm-up
+        for n in names:
+            variants[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(0)
+    for _ in range(args.reps):
+        order = names[:]
+        rng.shuffle(order)
+        for n in order:
+            times[n].append(timed(variants[n], device))
+    median = {n: statistics.median(times[n]) for n in names}
+
+    records = []
+    for n in names:
+        records.append({
+            "variant": n,
+            "time_s": median[n],
+            "time_ratio_to_ideal": median[n] / median["ideal"],
+            "saved_bytes": saved[n],
+            "saved_bytes_ratio_to_ideal": saved[n] / saved["ideal"],
+            "flops": flops[n],
+            "flops_ratio_to_ideal": flops[n] / flops["ideal"],
+            "peak_bytes": peak[n],
+        })  # fmt: skip
+
+    cpu = platform.processor() or platform.machine()
+    when = datetime.date.today().isoformat()
+    print(f"{when}, torch {torch.__version__}, {device.type} ({cpu}, {torch.get_num_threads()} "
+          f"threads), ResNet-18 detector, batch {args.batch} at {args.size}x{args.size}, "
+          f"{args.reps} interleaved repetitions, medians")  # fmt: skip
+    peak_col = "  peak MiB" if device.type == "cuda" else ""
+    print(f"{'variant':<13} {'ms/step':>8} {'x ideal':>8} {'saved MiB':>10} {'x ideal':>8} "
+          f"{'GFLOPs':>8} {'x ideal':>8}{peak_col}")  # fmt: skip
+    for r in records:
+        line = (f"{r['variant']:<13} {1e3 * r['time_s']:>8.1f} {r['time_ratio_to_ideal']:>8.3f} "
+                f"{r['saved_bytes'] / 2**20:>10.2f} {r['saved_bytes_ratio_to_ideal']:>8.3f} "
+                f"{r['flops'] / 1e9:>8.2f} {r['flops_ratio_to_ideal']:>8.3f}")  # fmt: skip
+        if r["peak_bytes"] is not None:
+            line += f"  {r['peak_bytes'] / 2**20:>8.1f}"
+        print(line)
+
+    # The guard's own cost, against the step it wraps.
+    overhead = guard_overhead(model, calls=200 if args.quick else 2000)
+    trainable_ratio = overhead["trainable"] / median["full"]
+    frozen_ratio = overhead["frozen"] / median["freezesched"]
+    print(f"\nguard enter+exit: trainable tick {1e6 * overhead['trainable']:.1f} us "
+          f"({100 * trainable_ratio:.3f} % of a full step), frozen tick "
+          f"{1e6 * overhead['frozen']:.1f} us "
+          f"({100 * frozen_ratio:.3f} % of a frozen step)")  # fmt: skip
+
+    predicted = flops["full"] / flops["freezesched"]
+    measured = median["full"] / median["freezesched"]
+    print(f"frozen-step speedup: measured {measured:.3f}x, predicted by FLOPs {predicted:.3f}x, "
+          f"efficiency {measured / predicted:.3f}")  # fmt: skip
+
+    # Layer-wise: the first k of 5 backbone stages frozen.
+    stages = list(model.backbone)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    layer_rows = []
+    for k in range(len(stages) + 1):
+        guard = FrozenStageGuard(Layerwise([Constant(i < k) for i in range(len(stages))]))
+
+        def step(guard: FrozenStageGuard = guard) -> None:
+            with guard(stages, 0):
+                model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+        step()
+        ts = [timed(step, device) for _ in range(max(3, args.reps // 2))]
+        layer_rows.append({"frozen_stages": k, "time_s": statistics.median(ts),
+                           "saved_bytes": saved_bytes(step),
+                           "flops": count_flops(step, model).total.total})  # fmt: skip
+    print(f"\nlayer-wise progressive freezing (first k of {len(stages)} backbone stages frozen)")
+    print(f"{'k':>2} {'ms/step':>8} {'x k=0':>7} {'saved MiB':>10} {'GFLOPs':>8} {'x k=0':>7}")
+    for r in layer_rows:
+        print(f"{r['frozen_stages']:>2} {1e3 * r['time_s']:>8.1f} "
+              f"{r['time_s'] / layer_rows[0]['time_s']:>7.3f} {r['saved_bytes'] / 2**20:>10.2f} "
+              f"{r['flops'] / 1e9:>8.2f} {r['flops'] / layer_rows[0]['flops']:>7.3f}")  # fmt: skip
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({
+                "date": when, "torch": torch.__version__, "device": device.type,
+                "size": args.size, "batch": args.batch, "reps": args.reps,
+                "variants": records,
+                "guard_overhead_s": overhead,
+                "guard_overhead_ratio": {"trainable": trainable_ratio, "frozen": frozen_ratio},
+                "speedup": {"measured": measured, "predicted_by_flops": predicted},
+                "layerwise": layer_rows,
+            }, f, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
