@@ -30,7 +30,34 @@ def _demo(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(to_json(results) + "\n")
+    if args.plot:
+        try:
+            _demo_plot(results, args.epochs, args.plot)
+        except ImportError as error:
+            print(f"freezesched demo: no plot written ({error})", file=sys.stderr)
+        else:
+            print(f"freezesched demo: wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _demo_plot(results: Sequence[Any], epochs: int, path: str) -> None:
+    """Timelines of the demo's policies above their cumulative training FLOPs."""
+    from freezesched.demo import policies
+    from freezesched.plot import new_axes, plot_cumulative_flops, plot_timeline, save
+    from freezesched.schedules import Layerwise
+
+    plan = policies(epochs)
+    top = new_axes(8.0, 6.0)
+    figure: Any = top.figure
+    top.remove()
+    upper, lower = figure.subplots(2, 1, height_ratios=[1, 2])
+    plot_timeline(Layerwise(tuple(plan.values())), epochs, stage_labels=list(plan), ax=upper)
+    upper.set_title("when each policy freezes the backbone (filled = frozen)", fontsize="medium")
+    plot_cumulative_flops(
+        {r.policy: [1e12 * t for t in r.cumulative_tflops] for r in results}, ax=lower
+    )
+    lower.set_title("training FLOPs, measured by the profiler", fontsize="medium")
+    save(upper, path)
 
 
 def _timeline(args: argparse.Namespace) -> int:
@@ -43,6 +70,14 @@ def _timeline(args: argparse.Namespace) -> int:
         print(f"freezesched timeline: {error}", file=sys.stderr)
         return 2
     print(repr(schedule))
+    if args.plot:
+        try:
+            from freezesched.plot import plot_timeline, save
+
+            save(plot_timeline(schedule, args.ticks, start=args.start), args.plot)
+        except ImportError as error:
+            print(f"freezesched timeline: {error}", file=sys.stderr)
+            return 2
     rows = line.reshape(len(line), -1).T
     for i, row in enumerate(rows):
         label = "frozen" if len(rows) == 1 else f"stage {i}"
@@ -108,6 +143,12 @@ def _project(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, ImportError, AttributeError, KeyError) as error:
         print(f"freezesched project: {error}", file=sys.stderr)
         return 2
+    if args.plot:
+        try:
+            _project_plot(model, shape, modules, policies or _default_policies(args.warmup), args)
+        except ImportError as error:
+            print(f"freezesched project: {error}", file=sys.stderr)
+            return 2
     table = policy_table(rows, args.format)
     print(
         f"# {args.model}, frozen: {', '.join(modules)}, input {tuple(shape)}, "
@@ -122,6 +163,28 @@ def _project(args: argparse.Namespace) -> int:
     return 0
 
 
+def _project_plot(
+    model: Any, shape: list[int], modules: list[str], policies: dict[str, Any], args: Any
+) -> None:
+    """Cumulative training FLOPs (paper convention) of each policy, epoch by epoch."""
+    from freezesched.plot import plot_cumulative_flops, save
+    from freezesched.profiling import cumulative_flops, measure_policy_costs
+
+    costs = measure_policy_costs(
+        model, shape, modules, policies.values(), epochs=args.epochs, device=args.device
+    )
+    curves = {
+        label: cumulative_flops(
+            costs, schedule, epochs=args.epochs, samples_per_epoch=args.samples,
+            num_modules=len(modules), convention="paper",
+        )
+        for label, schedule in policies.items()
+    }  # fmt: skip
+    ax = plot_cumulative_flops(curves)
+    ax.set_title(f"Eq. 1, paper convention: {args.model}", fontsize="medium")
+    save(ax, args.plot)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="freezesched", description="Freezing schedules for PyTorch fine-tuning."
@@ -133,6 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--pretrain-epochs", type=int, default=4, help="source-task epochs")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    demo.add_argument(
+        "--plot",
+        metavar="PATH",
+        default="freezesched-demo.png",
+        help="write timelines and cumulative FLOPs here ('' for none; needs matplotlib)",
+    )
     demo.set_defaults(run=_demo)
     timeline = sub.add_parser("timeline", help="print a schedule's decisions over ticks")
     timeline.add_argument(
@@ -140,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     timeline.add_argument("--ticks", type=int, default=40, help="one past the last tick")
     timeline.add_argument("--start", type=int, default=0, help="the first tick")
+    timeline.add_argument("--plot", metavar="PATH", help="also draw it into this image file")
     timeline.set_defaults(run=_timeline)
     project = sub.add_parser(
         "project",
@@ -173,6 +243,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     project.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
     project.add_argument("--output", metavar="PATH", help="write the table here")
+    project.add_argument(
+        "--plot", metavar="PATH", help="draw cumulative FLOPs per policy into this image file"
+    )
     project.add_argument(
         "--device", default="meta", help="where to count (default meta: shapes only, no arithmetic)"
     )

@@ -149,6 +149,7 @@ class DemoResult:
     delta_tflops_paper: float
     saved_bytes_frozen_step: int | None
     saved_bytes_trainable_step: int | None
+    cumulative_tflops: tuple[float, ...] = ()  # measured, by the end of each epoch
 
 
 class _Progress:
@@ -239,6 +240,7 @@ def run_demo(
         gen = torch.Generator().manual_seed(seed + 4)
         start = time.perf_counter()
         model.train()
+        cumulative = []
         for epoch in range(epochs):
             for idx in torch.split(torch.randperm(samples, generator=gen), 32):
                 with (
@@ -249,6 +251,7 @@ def run_demo(
                     torch.autograd.backward(loss)
                 opt.step()
                 opt.zero_grad()
+            cumulative.append(accountant.totals().flops_measured / 1e12)
             progress.step(f"{name} epoch {epoch + 1}/{epochs}")
         seconds = time.perf_counter() - start
         progress.note(f"  {name}: done in {seconds:.1f} s")
@@ -270,6 +273,7 @@ def run_demo(
                 delta_tflops_paper=totals.delta_flops_paper / 1e12,
                 saved_bytes_frozen_step=saved.get(True),
                 saved_bytes_trainable_step=saved.get(False),
+                cumulative_tflops=tuple(cumulative),
             )
         )
     progress.close()

@@ -63,16 +63,20 @@ def test_demo_data_are_a_pure_function_of_the_seed():
     assert not a[0].equal(c[0])
 
 
-def test_cli_demo_prints_the_table_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "demo.json"
+def test_cli_demo_prints_the_table_and_writes_json_and_a_plot(tmp_path, capsys):
+    out, png = tmp_path / "demo.json", tmp_path / "demo.png"
     status = main(["demo", "--epochs", "2", "--samples", "32", "--pretrain-epochs", "1",
-                   "--json", str(out)])  # fmt: skip
+                   "--json", str(out), "--plot", str(png)])  # fmt: skip
     assert status == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "frozen epochs" in printed and "cosine" in printed
     rows = json.loads(out.read_text(encoding="utf-8"))
     expected = [int(s.timeline(2).sum()) for s in policies(2).values()]
     assert [r["frozen_epochs"] for r in rows] == expected == [0, 2, 0, 1]
+    for r in rows:  # the plotted curve ends at the table's total
+        assert len(r["cumulative_tflops"]) == 2
+        assert r["cumulative_tflops"][-1] == pytest.approx(r["tflops_measured"], rel=1e-12)
 
 
 def test_cli_timeline(capsys):

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import batch, make_net
@@ -169,3 +170,25 @@ def test_peak_cuda_memory_bookkeeping_with_a_fake_allocator(monkeypatch):
     assert calls == ["sync", "reset", "sync"] * 2
     assert acct.rows()[0]["peak_cuda_mib"] == 4.0
     assert acct.summary("x")["peak_cuda_mib"] == 4.0
+
+
+@pytest.mark.parametrize("convention", ["measured", "paper"])
+def test_cumulative_flops_ends_at_the_projected_total(convention):
+    from freezesched import Cosine
+    from freezesched.profiling import cumulative_flops, measure_policy_costs, project
+
+    net = make_net()
+    schedules = [WarmupThenFreeze(3, then=Step(4)), Cosine(0, 20), Step(1)]
+    costs = measure_policy_costs(net, (2, 3, 16, 16), "backbone", schedules, epochs=20)
+    for schedule in schedules:
+        curve = cumulative_flops(costs, schedule, epochs=20, samples_per_epoch=50,
+                                 num_modules=1, convention=convention)  # fmt: skip
+        total = project(costs, schedule, epochs=20, samples_per_epoch=50, num_modules=1)
+        assert curve[-1] == (
+            total.flops_measured if convention == "measured" else total.flops_paper
+        )
+        steps = np.diff(curve, prepend=0)
+        frozen = schedule.timeline(20)
+        assert len(set(steps[frozen].tolist())) <= 1 and len(set(steps[~frozen].tolist())) == 1
+        if frozen.any() and not frozen.all():
+            assert steps[frozen][0] < steps[~frozen][0]

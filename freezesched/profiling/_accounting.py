@@ -22,9 +22,9 @@ trainable).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -272,6 +272,90 @@ def project(
     )
 
 
+def cumulative_flops(
+    costs: Mapping[State, StateCost],
+    schedule: ScheduleLike,
+    *,
+    epochs: int,
+    samples_per_epoch: int,
+    num_modules: int,
+    convention: Literal["measured", "paper"] = "measured",
+) -> np.ndarray:
+    """Training FLOPs accumulated by the end of each epoch (Eq. 1, epoch by epoch).
+
+    Args:
+        costs: Per-sample cost of every state the schedule visits.
+        schedule: The policy's schedule; its tick is the epoch.
+        epochs: Number of epochs.
+        samples_per_epoch: Training samples per epoch.
+        num_modules: Number of scheduled modules.
+        convention: ``"measured"`` (what autograd ran) or ``"paper"``.
+
+    Returns:
+        An int64 array of length ``epochs``; its last entry is :func:`project`'s total.
+
+    Raises:
+        KeyError: a visited state has no cost.
+        ValueError: unknown convention.
+
+    Examples:
+        >>> from freezesched import Step
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> costs = measure_policy_costs(net, (4, 8), "0", [Step(2)], epochs=4)
+        >>> cumulative_flops(costs, Step(2), epochs=4, samples_per_epoch=100,
+        ...                  num_modules=1).tolist()  # 352 FLOPs/sample trainable, 192 frozen
+        [35200, 54400, 89600, 108800]
+    """
+    if convention not in ("measured", "paper"):
+        raise ValueError(f"convention must be 'measured' or 'paper', got {convention!r}")
+    epochs = check_tick(epochs, "epochs")
+    line = _states(schedule, epochs, num_modules)
+    per_epoch = []
+    for row in line:
+        state = tuple(bool(x) for x in row)
+        if state not in costs:
+            raise KeyError(f"no per-sample cost for freeze state {state}; measure it first")
+        cost = costs[state]
+        per_epoch.append(cost.measured.total if convention == "measured" else cost.paper)
+    return np.cumsum(np.asarray(per_epoch, dtype=np.int64) * samples_per_epoch)
+
+
+def measure_policy_costs(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    modules: str | Sequence[str],
+    schedules: Iterable[ScheduleLike],
+    *,
+    epochs: int,
+    loss_fn: Callable[[Any], torch.Tensor] = default_loss,
+    device: str | torch.device = "meta",
+) -> dict[State, StateCost]:
+    """Measure, once each, every freeze state the schedules visit (and all-trainable).
+
+    Args:
+        model: The model (left untouched; counted on a copy).
+        example_input: A batch or its shape.
+        modules: Dotted name(s) of the scheduled submodule(s).
+        schedules: The schedules (tick = epoch).
+        epochs: Epochs per run.
+        loss_fn: Output -> scalar loss.
+        device: Where to count (``"meta"``: no arithmetic).
+
+    Returns:
+        Per-sample cost by state, ready for :func:`project` and :func:`cumulative_flops`.
+    """
+    names = [modules] if isinstance(modules, str) else list(modules)
+    epochs = check_tick(epochs, "epochs")
+    states = {(False,) * len(names)}
+    for schedule in schedules:
+        line = _states(schedule, epochs, len(names))
+        states |= {tuple(bool(x) for x in row) for row in np.unique(line, axis=0)}
+    return {
+        s: measure_state_cost(model, example_input, names, s, loss_fn=loss_fn, device=device)
+        for s in sorted(states)
+    }
+
+
 def project_policies(
     model: nn.Module,
     example_input: torch.Tensor | Sequence[int],
@@ -307,15 +391,10 @@ def project_policies(
         [('full', 0.0, 0), ('DBF', 5.0, -128000)]
     """
     names = [modules] if isinstance(modules, str) else list(modules)
-    epochs = check_tick(epochs, "epochs")
-    lines = {label: _states(s, epochs, len(names)) for label, s in policies.items()}
-    states = {(False,) * len(names)}
-    for line in lines.values():
-        states |= {tuple(bool(x) for x in row) for row in np.unique(line, axis=0)}
-    costs = {
-        s: measure_state_cost(model, example_input, names, s, loss_fn=loss_fn, device=device)
-        for s in sorted(states)
-    }
+    costs = measure_policy_costs(
+        model, example_input, names, policies.values(), epochs=epochs, loss_fn=loss_fn,
+        device=device,
+    )  # fmt: skip
     return [
         project(
             costs,
