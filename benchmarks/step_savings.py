@@ -5,8 +5,11 @@
 A ResNet-18 backbone with a detection-like head (benchmarks/_models.py), batch 8, SGD
 with momentum over all parameters. Per step (forward, backward, optimizer step): wall
 time, bytes autograd keeps for backward (distinct storages) and FLOPs executed (the
-profiler). The variants run interleaved in the same process, in a shuffled order each
-repetition, after a warm-up; medians are reported, with ratios to the ideal:
+profiler). The variants run interleaved in the same process: each repetition runs every
+variant, in a shuffled order, for one untimed step then `--block` timed steps (the first
+step after switching variant pays for kernel selection and memory that the previous
+variant did not need, which is not what we measure). Medians over all timed steps are
+reported, with ratios to the ideal:
 
 1. full       full training (nothing frozen)
 2. freezesched  FrozenStageGuard with the backbone frozen (bn="eval")
@@ -143,15 +146,16 @@ def guard_overhead(model: ResNet18Detector, calls: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--block", type=int, default=3, help="timed steps per variant per rep")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="64x64, 5 repetitions")
+    parser.add_argument("--quick", action="store_true", help="64x64, 3 repetitions of 2 steps")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.reps = 64, 5
+        args.size, args.reps, args.block = 64, 3, 2
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = ResNet18Detector().to(device)
@@ -171,7 +175,8 @@ def main() -> None:
         order = names[:]
         rng.shuffle(order)
         for n in order:
-            times[n].append(timed(variants[n], device))
+            variants[n]()
+            times[n] += [timed(variants[n], device) for _ in range(args.block)]
     median = {n: statistics.median(times[n]) for n in names}
 
     records = []
@@ -191,7 +196,7 @@ def main() -> None:
     when = datetime.date.today().isoformat()
     print(f"{when}, torch {torch.__version__}, {device.type} ({cpu}, {torch.get_num_threads()} "
           f"threads), ResNet-18 detector, batch {args.batch} at {args.size}x{args.size}, "
-          f"{args.reps} interleaved repetitions, medians")  # fmt: skip
+          f"{args.reps} interleaved repetitions of {args.block} steps, medians")  # fmt: skip
     peak_col = "  peak MiB" if device.type == "cuda" else ""
     print(f"{'variant':<13} {'ms/step':>8} {'x ideal':>8} {'saved MiB':>10} {'x ideal':>8} "
           f"{'GFLOPs':>8} {'x ideal':>8}{peak_col}")  # fmt: skip
@@ -204,7 +209,7 @@ def main() -> None:
         print(line)
 
     # The guard's own cost, against the step it wraps.
-    overhead = guard_overhead(model, calls=200 if args.quick else 2000)
+    overhead = guard_overhead(model, calls=100 if args.quick else 2000)
     trainable_ratio = overhead["trainable"] / median["full"]
     frozen_ratio = overhead["frozen"] / median["freezesched"]
     print(f"\nguard enter+exit: trainable tick {1e6 * overhead['trainable']:.1f} us "
@@ -231,7 +236,7 @@ def main() -> None:
             opt.zero_grad()
 
         step()
-        ts = [timed(step, device) for _ in range(max(3, args.reps // 2))]
+        ts = [timed(step, device) for _ in range(max(3, args.reps))]
         layer_rows.append({"frozen_stages": k, "time_s": statistics.median(ts),
                            "saved_bytes": saved_bytes(step),
                            "flops": count_flops(step, model).total.total})  # fmt: skip
@@ -246,7 +251,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({
                 "date": when, "torch": torch.__version__, "device": device.type,
-                "size": args.size, "batch": args.batch, "reps": args.reps,
+                "size": args.size, "batch": args.batch, "reps": args.reps, "block": args.block,
                 "variants": records,
                 "guard_overhead_s": overhead,
                 "guard_overhead_ratio": {"trainable": trainable_ratio, "frozen": frozen_ratio},

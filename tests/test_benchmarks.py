@@ -34,3 +34,30 @@ def test_accounting_overhead_benchmark(tmp_path):
     assert "projected overhead" in out
     record = json.loads((tmp_path / "o.json").read_text())
     assert record["steps"] > 0 and record["extra_per_counted_step_s"] > -1
+
+
+def test_step_savings_benchmark_quick(tmp_path):
+    out = _run("step_savings.py", "--quick", "--json", str(tmp_path / "s.json"))
+    assert "frozen-step speedup" in out and "layer-wise" in out
+    data = json.loads((tmp_path / "s.json").read_text())
+    records = {r["variant"]: r for r in data["variants"]}
+    assert {"full", "freezesched", "ideal", "detach", "no-grad-flag", "lightning"} <= set(records)
+    for r in records.values():
+        assert {"variant", "time_ratio_to_ideal", "saved_bytes_ratio_to_ideal"} <= set(r)
+    # Deterministic quantities (not timings): memory and FLOPs equal the ideal's exactly;
+    # the paper's detach keeps the whole backbone's activations.
+    assert records["freezesched"]["saved_bytes_ratio_to_ideal"] == 1.0
+    assert records["freezesched"]["flops_ratio_to_ideal"] == 1.0
+    assert records["detach"]["saved_bytes_ratio_to_ideal"] > 5
+    assert [r["frozen_stages"] for r in data["layerwise"]] == list(range(6))
+    flops = [r["flops"] for r in data["layerwise"]]
+    assert flops == sorted(flops, reverse=True) and flops[-1] == records["ideal"]["flops"]
+
+
+def test_compile_switch_benchmark_quick(tmp_path):
+    out = _run("compile_switch.py", "--quick", "--json", str(tmp_path / "c.json"))
+    assert "largest |compiled - eager|" in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    graphs = [r["graphs_compiled_so_far"] for r in data["rows"]]
+    assert graphs[1:] == [graphs[1]] * (len(graphs) - 1)  # no recompiles after both states
+    assert data["max_abs_diff_vs_eager"] == 0.0  # aot_eager is bitwise
