@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install everything into ./.venv and run every check: tests with doctests, ruff, mypy --strict.
+# Install everything into ./.venv and run every check: ruff, mypy --strict, the docs site
+# (MkDocs, warnings are errors), and the tests with doctests.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" "dev"
 python -c "import torch, freezesched; print(f'torch {torch.__version__}, freezesched {freezesched.__version__}')"
 set -x
 ruff check freezesched tests examples benchmarks
 ruff format --check freezesched tests examples benchmarks
 mypy --strict freezesched
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 python -m pytest -q
