@@ -192,3 +192,41 @@ def test_cumulative_flops_ends_at_the_projected_total(convention):
         assert len(set(steps[frozen].tolist())) <= 1 and len(set(steps[~frozen].tolist())) == 1
         if frozen.any() and not frozen.all():
             assert steps[frozen][0] < steps[~frozen][0]
+
+
+class _Proposals(nn.Module):
+    """A head whose cost depends on the data: it runs on the first `k` rows only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self.head(self.backbone(x)[:k])
+
+
+def test_data_dependent_step_costs_are_refused_or_averaged_within_rtol():
+    model = _Proposals()
+    x = torch.randn(8, 4)
+    strict = FlopAccountant(model)
+    with strict.step(batch_size=8):
+        model(x, 8).sum().backward()
+    with (
+        pytest.raises(RuntimeError, match=r"cost differently per sample.*rtol="),
+        strict.step(batch_size=8),
+    ):
+        model(x, 6).sum().backward()
+
+    loose = FlopAccountant(model, rtol=0.5)
+    for k in (8, 6):
+        with loose.step(batch_size=8):
+            model(x, k).sum().backward()
+    costs = []
+    for k in (8, 6):
+        prof = count_flops(lambda k=k: model(x, k).sum().backward(), model)
+        costs.append(prof.total.total / 8)
+    (stats,) = loose.states.values()
+    assert stats.cost.measured.total == pytest.approx(sum(costs) / 2, abs=1)
+    with pytest.raises(ValueError, match="rtol"):
+        FlopAccountant(model, rtol=1.5)

@@ -12,13 +12,18 @@ MMEngine's Runner with the config; no MMDetection/MMRotate source is patched.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import sys
 from collections.abc import Sequence
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+# Registers FlopAccountingHook (a config built in Python skips custom_imports).
+ACCOUNTING = importlib.import_module("dbf_accounting")
 
 
 def build_config(
@@ -37,6 +42,10 @@ def build_config(
     cfg = Config.fromfile(detector)
     cfg.merge_from_dict(Config.fromfile(policy).to_dict())
     cfg.train_cfg.max_epochs = epochs
+    # Every run is accounted (Eq. 1, paper and measured; time; memory): dbf_accounting.py.
+    imports = list(cfg.get("custom_imports", {}).get("imports", []))
+    cfg.custom_imports = dict(imports=[*imports, "dbf_accounting"], allow_failed_imports=False)
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="FlopAccountingHook")]
     hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") == "FreezeScheduleHook"]
     if warmup is not None or rho is not None:
         if not hooks or hooks[0].schedule.get("type") != "WarmupThenFreeze":

@@ -88,10 +88,14 @@ class FlopAccountant:
     Args:
         model: The model whose forward runs in the step.
         samples_per_state: Steps to count per freeze state, ``>= 1``.
+        rtol: How much the per-sample cost of two sampled steps of one state may differ
+            (relative, on total FLOPs). ``0`` (default) demands equal costs; a two-stage
+            detector, whose RoI head sees a data-dependent number of proposals, needs
+            some slack (e.g. ``0.1``), and the sampled steps are then averaged.
 
     Raises:
         TypeError: ``model`` is not a module.
-        ValueError: ``samples_per_state < 1``.
+        ValueError: ``samples_per_state < 1``, or ``rtol`` not in ``[0, 1)``.
 
     Examples:
         >>> from freezesched import FrozenStageGuard, Step
@@ -107,15 +111,18 @@ class FlopAccountant:
         (96, -3072)
     """
 
-    def __init__(self, model: nn.Module, *, samples_per_state: int = 2) -> None:
+    def __init__(self, model: nn.Module, *, samples_per_state: int = 2, rtol: float = 0.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(samples_per_state, bool) or not isinstance(samples_per_state, int):
             raise TypeError(f"samples_per_state must be an int >= 1, got {samples_per_state!r}")
         if samples_per_state < 1:
             raise ValueError(f"samples_per_state must be an int >= 1, got {samples_per_state}")
+        if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < 1:
+            raise ValueError(f"rtol must be a number in [0, 1), got {rtol!r}")
         self.model = model
         self.samples_per_state = samples_per_state
+        self.rtol = float(rtol)
         self.states: dict[State, StateStats] = {}
         self._names: dict[int, str] = {id(m): name for name, m in model.named_modules()}
 
@@ -176,10 +183,21 @@ class FlopAccountant:
             return
         cost = StateCost.from_step(stats.state, prof.result, stats.frozen_modules, batch_size)
         if stats.cost is not None and stats.cost != cost:
-            raise RuntimeError(
-                f"two sampled steps of freeze state {stats.state} cost differently per "
-                f"sample ({stats.cost.measured} vs {cost.measured}); the step does not "
-                "scale linearly with the batch, so it cannot be extrapolated"
+            old, new = stats.cost.measured.total, cost.measured.total
+            if abs(new - old) > self.rtol * max(abs(old), abs(new)):
+                raise RuntimeError(
+                    f"two sampled steps of freeze state {stats.state} cost differently per "
+                    f"sample ({stats.cost.measured} vs {cost.measured}); the step does not "
+                    "scale linearly with the batch, so it cannot be extrapolated (pass "
+                    "rtol= to average steps whose cost is data-dependent)"
+                )
+            k = len(stats.saved_bytes)  # sampled steps so far: the running mean's weight
+            cost = StateCost(
+                state=cost.state,
+                measured=(stats.cost.measured.scaled(k) + cost.measured).scaled(1 / (k + 1)),
+                frozen_forward=round(
+                    (stats.cost.frozen_forward * k + cost.frozen_forward) / (k + 1)
+                ),
             )
         stats.cost = cost
         stats.saved_bytes.append(meter.bytes)

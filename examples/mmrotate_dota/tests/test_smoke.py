@@ -145,6 +145,12 @@ def test_trains_across_freeze_switches_and_evaluates(family, data_root, tmp_path
     metrics = [json.loads(line) for line in scalars if "dota/mAP" in line]
     assert len(metrics) == 1 and 0.0 <= metrics[0]["dota/mAP"] <= 1.0 + 1e-6
     assert math.isfinite(metrics[0]["dota/mAP"])
+    # The run was accounted by freezesched's profiler: a frozen step costs less, and the
+    # paper's ΔF is -2 x backbone forward x frozen samples (negative).
+    record = json.loads((Path(cfg.work_dir) / "freezesched_accounting.json").read_text())
+    cost = {s["frozen"]: s["flops_per_sample"] for s in record["states"]}
+    assert 0 < cost[True] < cost[False]
+    assert record["delta_flops_paper"] < 0 and record["delta_flops_measured"] < 0
 
 
 def test_warmup_and_rho_are_refused_for_policies_without_them(tmp_path):
