@@ -53,3 +53,20 @@ def test_grid_resumes_and_writes_tables(tmp_path, capsys):
     assert run_table2.main(argv, runner=fake_train) == 0  # everything done: nothing re-run
     assert len(calls) == 2
     assert "done, skipped" in capsys.readouterr().out
+
+
+def test_data_check_counts_against_the_expected_numbers(tmp_path, capsys):
+    import prepare_data
+
+    for split, n in (("train", 3), ("val", 2)):
+        folder = tmp_path / "dota" / split / "annfiles"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"P{i}.txt").write_text("")
+    (tmp_path / "DIOR" / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "DIOR" / "ImageSets" / "Main" / "train.txt").write_text("00001\n00002\n")
+    found = prepare_data.count(str(tmp_path / "dota"), str(tmp_path / "DIOR"))
+    assert found == {("dota", "train"): 3, ("dota", "val"): 2, ("dior", "train"): 2,
+                     ("dior", "val"): 0}  # fmt: skip
+    assert prepare_data.main(["check", "--dota", str(tmp_path / "dota")]) == 1
+    assert "EXPECTED 15749" in capsys.readouterr().out
