@@ -64,6 +64,9 @@ def build_config(
     )
     if resume_from:
         cfg.load_from, cfg.resume = resume_from, True
+        # MMEngine 0.10 resumes with a bare torch.load, which torch >= 2.6 refuses for the
+        # HistoryBuffer objects in its own checkpoints; these are the user's own files.
+        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     cfg.launcher = launcher
     if launcher != "none":
         # Frozen parameters produce no gradient; DDP must be told (the hook checks).

@@ -70,3 +70,31 @@ def test_data_check_counts_against_the_expected_numbers(tmp_path, capsys):
                      ("dior", "val"): 0}  # fmt: skip
     assert prepare_data.main(["check", "--dota", str(tmp_path / "dota")]) == 1
     assert "EXPECTED 15749" in capsys.readouterr().out
+
+
+def test_dior_to_dota_writes_dota_text_lines(tmp_path):
+    import prepare_data
+
+    dior = tmp_path / "DIOR"
+    xml_dir = dior / "Annotations" / "Oriented Bounding Boxes"
+    xml_dir.mkdir(parents=True)
+    (dior / "ImageSets" / "Main").mkdir(parents=True)
+    (dior / "JPEGImages-trainval").mkdir()
+    (dior / "ImageSets" / "Main" / "train.txt").write_text("00001\n")
+    (dior / "ImageSets" / "Main" / "val.txt").write_text("")
+    (dior / "JPEGImages-trainval" / "00001.jpg").write_bytes(b"jpeg")
+    corners = {"x_left_top": 1, "y_left_top": 2, "x_right_top": 30, "y_right_top": 2,
+               "x_right_bottom": 30, "y_right_bottom": 20,
+               "x_left_bottom": 1, "y_left_bottom": 20}  # fmt: skip
+    box = "".join(f"<{k}>{v}</{k}>" for k, v in corners.items())
+    (xml_dir / "00001.xml").write_text(
+        f"<annotation><object><name>Airplane</name><robndbox>{box}</robndbox></object>"
+        f"<object><name>ship</name><difficult>1</difficult><robndbox>{box}</robndbox></object>"
+        "</annotation>"
+    )
+    written = prepare_data.dior_to_dota(str(dior), str(tmp_path / "out"))
+    assert written == {"train": 2, "val": 0}
+    lines = (tmp_path / "out" / "train" / "annfiles" / "00001.txt").read_text().splitlines()
+    assert lines == ["1.0 2.0 30.0 2.0 30.0 20.0 1.0 20.0 airplane 0",
+                     "1.0 2.0 30.0 2.0 30.0 20.0 1.0 20.0 ship 1"]  # fmt: skip
+    assert (tmp_path / "out" / "train" / "images" / "00001.jpg").read_bytes() == b"jpeg"

@@ -153,6 +153,27 @@ def test_trains_across_freeze_switches_and_evaluates(family, data_root, tmp_path
     assert record["delta_flops_paper"] < 0 and record["delta_flops_measured"] < 0
 
 
+def test_dbf_continues_a_finished_full_training_run(data_root, tmp_path):
+    # The paper's protocol: train rho=1 for the warm-up, then continue from that
+    # checkpoint with DBF for the remaining epochs.
+    detector = str(EXAMPLE / "configs" / "retinanet_r50_dota.py")
+    full = tiny(build_config(detector, str(EXAMPLE / "configs/policies/full.py"), epochs=1),
+                data_root, tmp_path / "full")  # fmt: skip
+    full.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1)
+    Runner.from_cfg(full).train()
+    ckpt = tmp_path / "full" / "epoch_1.pth"
+    dbf = tiny(build_config(detector, str(EXAMPLE / "configs/policies/dbf.py"), epochs=3,
+                            warmup=1, rho=2, resume_from=str(ckpt)),
+               data_root, tmp_path / "dbf")  # fmt: skip
+    runner = Runner.from_cfg(dbf)
+    watch = Watch()
+    runner.register_hook(watch)
+    runner.train()
+    # Epochs 1 and 2 of (rho=1 for 1 epoch ->) rho=2: trainable, then frozen.
+    assert watch.logged == [0.0, 1.0]
+    assert watch.changed == [True, False]
+
+
 def test_warmup_and_rho_are_refused_for_policies_without_them(tmp_path):
     detector = EXAMPLE / "configs" / "retinanet_r50_dota.py"
     with pytest.raises(ValueError, match="apply to the DBF policy"):
