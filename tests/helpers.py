@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from freezesched.profiling import SavedTensorMeter
@@ -111,3 +114,45 @@ def runs_in_eval(bn: nn.Module) -> bool:
     bn.running_mean.copy_(before)
     assert bn.training is flag
     return torch.equal(before, after)
+
+
+def run_ranks(target: Callable[..., None], world: int, timeout: float, *args: Any) -> dict:
+    """Spawn ``target(rank, world, *args, results)`` per rank; the payload each rank put.
+
+    Each worker puts ``(rank, "ok" | "error", payload_or_traceback)`` on ``results``. A rank
+    that hangs or dies fails the test after ``timeout`` seconds instead of the CI run.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=target, args=(rank, world, *args, results)) for rank in range(world)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = {}
+    try:
+        for _ in range(world):
+            rank, status, payload = results.get(timeout=timeout)
+            outcomes[rank] = (status, payload)
+    except queue.Empty:
+        pass
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert len(outcomes) == world, f"a rank hung or died: got {sorted(outcomes)}"
+    for rank, (status, payload) in outcomes.items():
+        assert status == "ok", f"rank {rank} failed:\n{payload}"
+    return {rank: payload for rank, (_, payload) in outcomes.items()}
+
+
+def tiny_backbone_and_head(classes: int = 3) -> tuple[nn.Sequential, nn.Sequential]:
+    """The small conv backbone (with BatchNorm) and head the integration tests train."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    )  # fmt: skip
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+    return backbone, head

@@ -7,6 +7,7 @@ would load its own modules.
 from __future__ import annotations
 
 import torch
+from helpers import tiny_backbone_and_head
 from mmengine.dataset import BaseDataset
 from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseModel
@@ -18,12 +19,7 @@ from torch import nn
 class ToyDetector(BaseModel):
     def __init__(self, classes: int = 3) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+        self.backbone, self.head = tiny_backbone_and_head(classes)
 
     def forward(self, inputs, labels, mode="tensor", **meta):
         logits = self.head(self.backbone(inputs))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_backbone_and_head
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -16,12 +17,7 @@ STEPS_PER_EPOCH = 4
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        self.backbone, self.head = tiny_backbone_and_head(3)
 
     def forward(self, x, labels):
         logits = self.head(self.backbone(x))

@@ -7,6 +7,7 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import tiny_backbone_and_head
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -19,12 +20,7 @@ from freezesched.integrations.lightning import FreezeScheduleCallback
 class Tiny(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        self.backbone, self.head = tiny_backbone_and_head(3)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -7,6 +7,7 @@ import json
 import mm_toy
 import pytest
 import torch
+from helpers import run_ranks
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
@@ -194,38 +195,10 @@ def test_hook_accepts_schedule_objects_and_a_schedules_mapping():
 
 
 def test_hook_under_two_process_gloo_ddp(tmp_path):
-    import queue
-
     import mm_ddp_worker
-    import torch.multiprocessing as mp
 
-    world, timeout = 2, 180
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=mm_ddp_worker.run,
-            args=(rank, world, str(tmp_path / "rendezvous"), str(tmp_path), results),
-        )
-        for rank in range(world)
-    ]
-    for p in procs:
-        p.start()
-    outcomes = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = results.get(timeout=timeout)
-            outcomes[rank] = (status, payload)
-    except queue.Empty:
-        pass
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    assert len(outcomes) == world, f"a rank hung or died: got {sorted(outcomes)}"
-    for rank, (status, payload) in outcomes.items():
-        assert status == "ok", f"rank {rank} failed:\n{payload}"
+    outcomes = run_ranks(mm_ddp_worker.run, 2, 180, str(tmp_path / "rendezvous"), str(tmp_path))
+    for payload in outcomes.values():
         assert "find_unused_parameters=True" in payload["refused"]
         assert payload["moved"] == [True, False, True, False]
         assert payload["out_of_sync"] == 0

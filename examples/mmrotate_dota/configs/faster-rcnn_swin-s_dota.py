@@ -1,22 +1,7 @@
-# Rotated Faster R-CNN, Swin-S + FPN, le90, DOTA v1.0, 1024x1024 patches; the DBF paper's
-# training details. Pick a training policy with train.py --policy configs/policies/*.py.
-_base_ = [
-    "mmrotate::rotated_faster_rcnn/rotated-faster-rcnn-le90_r50_fpn_1x_dota.py",
-    "_base_/paper.py",
-    "_base_/dota.py",
-    "_base_/swin_s.py",
-]
-optim_wrapper = {{_base_.paper.optim_wrapper}}
-param_scheduler = {{_base_.paper.param_scheduler}}
-auto_scale_lr = {{_base_.paper.auto_scale_lr}}
-randomness = dict(seed=0)
-train_dataloader = {{_base_.dota.train_dataloader}}
-val_dataloader = {{_base_.dota.val_dataloader}}
-test_dataloader = val_dataloader
-val_evaluator = {{_base_.dota.val_evaluator}}
-test_evaluator = val_evaluator
+# Rotated Faster R-CNN, Swin-S + FPN, le90, DOTA v1.0, 1024x1024 patches.
+# The ResNet-50 config with Swin-S (ImageNet-1k) as the backbone.
+_base_ = ["faster-rcnn_r50_dota.py", "_base_/swin_s.py"]
 model = dict(
     backbone={{_base_.swin_s.backbone}},
     neck=dict(in_channels={{_base_.swin_s.neck_in_channels}}),
-    roi_head=dict(bbox_head=dict(num_classes={{_base_.dota.num_classes}})),
 )

@@ -1,22 +1,7 @@
-# Rotated FCOS, Swin-S + FPN, le90, DIOR-R, 800x800; the DBF paper's
-# training details. Pick a training policy with train.py --policy configs/policies/*.py.
-_base_ = [
-    "mmrotate::rotated_fcos/rotated-fcos-le90_r50_fpn_1x_dota.py",
-    "_base_/paper.py",
-    "_base_/dior_r.py",
-    "_base_/swin_s.py",
-]
-optim_wrapper = {{_base_.paper.optim_wrapper}}
-param_scheduler = {{_base_.paper.param_scheduler}}
-auto_scale_lr = {{_base_.paper.auto_scale_lr}}
-randomness = dict(seed=0)
-train_dataloader = {{_base_.dior_r.train_dataloader}}
-val_dataloader = {{_base_.dior_r.val_dataloader}}
-test_dataloader = val_dataloader
-val_evaluator = {{_base_.dior_r.val_evaluator}}
-test_evaluator = val_evaluator
+# Rotated FCOS, Swin-S + FPN, le90, DIOR-R, 800x800.
+# The ResNet-50 config with Swin-S (ImageNet-1k) as the backbone.
+_base_ = ["fcos_r50_dior-r.py", "_base_/swin_s.py"]
 model = dict(
     backbone={{_base_.swin_s.backbone}},
     neck=dict(in_channels={{_base_.swin_s.neck_in_channels}}),
-    bbox_head=dict(num_classes={{_base_.dior_r.num_classes}}),
 )
