@@ -64,9 +64,9 @@ def main() -> None:
     for epoch in range(args.steps // args.epoch_steps):
         for variant in ("plain", "accounted") if epoch % 2 == 0 else ("accounted", "plain"):
             for _ in range(args.epoch_steps):
-                sampled_before = sum(len(s.saved_bytes) for s in accountant.states.values())
+                sampled_before = accountant.counted_steps
                 seconds = step(variant, epoch)
-                sampled_after = sum(len(s.saved_bytes) for s in accountant.states.values())
+                sampled_after = accountant.counted_steps
                 # Counted steps are reported on their own, not mixed into the step times.
                 (counted if sampled_after > sampled_before else times[variant]).append(seconds)
     plain = sum(times["plain"])
@@ -94,6 +94,9 @@ def main() -> None:
                 "extra_per_counted_step_s": extra_per_counted,
                 "run_ratio": accounted / plain,
                 "steps": len(times["plain"]),
+                "counted_steps": accountant.counted_steps,
+                "accounted_steps": accountant.totals().steps,
+                "phases": [list(p.frozen_modules) for p in accountant.totals().phases],
             }
             json.dump(record, f, indent=2)
 

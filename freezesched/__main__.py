@@ -1,4 +1,4 @@
-"""Command line: ``python -m freezesched {demo,timeline,project}``."""
+"""Command line: ``python -m freezesched {demo,timeline,project,flops}``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,30 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["main"]
+
+SCHEDULE_EXAMPLE = (
+    '\'{"type": "WarmupThenFreeze", "warmup": 3, "then": {"type": "Step", "rho": 5}}\''
+)
+
+
+class CommandError(Exception):
+    """A bad command-line argument, reported in one line with exit status 2."""
+
+
+def _schedule(text: str, what: str = "schedule") -> Any:
+    from freezesched.schedules import schedule_from_config
+
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CommandError(
+            f"the {what} must be a schedule config in JSON, e.g. {SCHEDULE_EXAMPLE}; "
+            f"{text!r} is not JSON ({error.msg} at character {error.pos})"
+        ) from None
+    try:
+        return schedule_from_config(config)
+    except (TypeError, ValueError) as error:
+        raise CommandError(f"the {what} {text!r} is not a valid schedule: {error}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,6 +51,13 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(format_table(results))
+    print(
+        "frozen: frozen epochs; TFLOPs: measured training FLOPs of the run (FLOPs = 2 x "
+        "MACs); ΔTFLOPs: against full training, measured and with the DBF paper's rule "
+        "(2x: backward = 2 x forward of trainable layers); saved MiB: what autograd keeps "
+        "for backward in a frozen / trainable step",
+        file=sys.stderr,
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(to_json(results) + "\n")
@@ -53,32 +84,25 @@ def _demo_plot(results: Sequence[Any], epochs: int, path: str) -> None:
     upper, lower = figure.subplots(2, 1, height_ratios=[1, 2])
     plot_timeline(Layerwise(tuple(plan.values())), epochs, stage_labels=list(plan), ax=upper)
     upper.set_title("when each policy freezes the backbone (filled = frozen)", fontsize="medium")
-    plot_cumulative_flops(
-        {r.policy: [1e12 * t for t in r.cumulative_tflops] for r in results}, ax=lower
-    )
+    plot_cumulative_flops({r.label: list(r.curve) for r in results}, ax=lower)
     lower.set_title("training FLOPs, measured by the profiler", fontsize="medium")
     save(upper, path)
 
 
 def _timeline(args: argparse.Namespace) -> int:
-    from freezesched.schedules import schedule_from_config
+    from freezesched.schedules import timeline
 
+    schedule = _schedule(args.schedule)
     try:
-        schedule = schedule_from_config(json.loads(args.schedule))
-        line = schedule.timeline(args.ticks, start=args.start)
-    except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
-        print(f"freezesched timeline: {error}", file=sys.stderr)
-        return 2
-    print(repr(schedule))
+        line = timeline(schedule, args.ticks, start=args.start)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    print(repr(schedule) if args.full else schedule.summary())
     if args.plot:
-        try:
-            from freezesched.plot import plot_timeline, save
+        from freezesched.plot import plot_timeline, save
 
-            save(plot_timeline(schedule, args.ticks, start=args.start), args.plot)
-        except ImportError as error:
-            print(f"freezesched timeline: {error}", file=sys.stderr)
-            return 2
-    rows = line.reshape(len(line), -1).T
+        save(plot_timeline(schedule, args.ticks, start=args.start), args.plot)
+    rows = line.T
     for i, row in enumerate(rows):
         label = "frozen" if len(rows) == 1 else f"stage {i}"
         marks = "".join("#" if f else "." for f in row)
@@ -94,14 +118,27 @@ def _load_model(spec: str) -> Any:
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+        raise CommandError(f"--model must look like 'package.module:factory', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as error:
+        raise CommandError(f"--model {spec!r}: {error}") from None
     model = obj if isinstance(obj, nn.Module) else obj()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {spec!r} gave a {type(model).__name__}, not an nn.Module")
+        raise CommandError(f"--model {spec!r} gave a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise CommandError(f"--input-shape must be comma-separated ints, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise CommandError(f"--input-shape must be positive ints, got {text!r}")
+    return shape
 
 
 def _default_policies(warmup: int) -> dict[str, Any]:
@@ -118,43 +155,42 @@ def _default_policies(warmup: int) -> dict[str, Any]:
 
 
 def _project(args: argparse.Namespace) -> int:
-    from freezesched.profiling import policy_table, project_policies
-    from freezesched.schedules import schedule_from_config
+    import warnings
 
+    from freezesched.profiling import FrozenMiddleWarning, project_policies, render_runs
+
+    model = _load_model(args.model)
+    shape = _shape(args.input_shape)
+    modules = [m for spec in args.module for m in spec.split(",") if m]
+    policies: dict[str, Any] = {}
+    for spec in args.policy:
+        label, sep, config = spec.partition("=")
+        if not sep:
+            raise CommandError(f"--policy must look like 'NAME=JSON', got {spec!r}")
+        policies[label] = _schedule(config, f"--policy {label!r}")
+    chosen = policies or _default_policies(args.warmup)
     try:
-        model = _load_model(args.model)
-        shape = [int(s) for s in args.input_shape.split(",")]
-        modules = [m for spec in args.module for m in spec.split(",") if m]
-        policies: dict[str, Any] = {}
-        for spec in args.policy:
-            label, sep, config = spec.partition("=")
-            if not sep:
-                raise ValueError(f"--policy must look like 'NAME=JSON', got {spec!r}")
-            policies[label] = schedule_from_config(json.loads(config))
-        rows = project_policies(
-            model,
-            shape,
-            modules,
-            policies or _default_policies(args.warmup),
-            epochs=args.epochs,
-            samples_per_epoch=args.samples,
-            device=args.device,
-        )
-    except (ValueError, TypeError, ImportError, AttributeError, KeyError) as error:
-        print(f"freezesched project: {error}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FrozenMiddleWarning)  # printed below, once
+            runs = project_policies(
+                model, shape, modules, chosen, epochs=args.epochs,
+                samples_per_epoch=args.samples, device=args.device,
+            )  # fmt: skip
+    except (ValueError, TypeError, KeyError) as error:
+        raise CommandError(str(error)) from None
     if args.plot:
-        try:
-            _project_plot(model, shape, modules, policies or _default_policies(args.warmup), args)
-        except ImportError as error:
-            print(f"freezesched project: {error}", file=sys.stderr)
-            return 2
-    table = policy_table(rows, args.format)
+        _project_plot(model, shape, modules, chosen, args)
+    table = render_runs(runs, args.format)
     print(
         f"# {args.model}, frozen: {', '.join(modules)}, input {tuple(shape)}, "
-        f"{args.epochs} epochs x {args.samples} samples; FLOPs = 2 x MACs",
+        f"{args.epochs} epochs x {args.samples} samples; FLOPs = 2 x MACs; ΔTFLOPs against "
+        "full training, measured and 2x (backward = 2 x forward of trainable layers, the "
+        "DBF paper's rule); frozen: frozen epochs (per-stage schedules: summed over epochs "
+        "of the fraction of stages frozen)",
         file=sys.stderr,
     )
+    for note in runs[0].notes if runs else ():
+        print(f"# note: {note}", file=sys.stderr)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(table + "\n")
@@ -166,7 +202,7 @@ def _project(args: argparse.Namespace) -> int:
 def _project_plot(
     model: Any, shape: list[int], modules: list[str], policies: dict[str, Any], args: Any
 ) -> None:
-    """Cumulative training FLOPs (paper convention) of each policy, epoch by epoch."""
+    """Cumulative training FLOPs (2x convention) of each policy, epoch by epoch."""
     from freezesched.plot import plot_cumulative_flops, save
     from freezesched.profiling import cumulative_flops, measure_policy_costs
 
@@ -176,13 +212,49 @@ def _project_plot(
     curves = {
         label: cumulative_flops(
             costs, schedule, epochs=args.epochs, samples_per_epoch=args.samples,
-            num_modules=len(modules), convention="paper",
+            num_modules=len(modules), convention="2x",
         )
         for label, schedule in policies.items()
     }  # fmt: skip
     ax = plot_cumulative_flops(curves)
-    ax.set_title(f"Eq. 1, paper convention: {args.model}", fontsize="medium")
+    ax.set_title(f"Eq. 1, backward = 2 x forward: {args.model}", fontsize="medium")
     save(ax, args.plot)
+
+
+def _flops(args: argparse.Namespace) -> int:
+    import torch
+
+    from freezesched.freezing import freeze
+    from freezesched.profiling import FlopProfiler, default_loss, render_modules
+
+    model = _load_model(args.model)
+    shape = _shape(args.input_shape)
+    modules = [m for spec in args.freeze for m in spec.split(",") if m]
+    device = torch.device(args.device)
+    model = model.to(device)
+    model.train()
+    x = torch.empty(shape, device=device) if device.type == "meta" else torch.randn(shape)
+    try:
+        region = freeze(model, modules) if modules else None
+        if region is not None:
+            region.__enter__()
+        try:
+            with FlopProfiler(model) as prof:
+                torch.autograd.backward(default_loss(model(x)))
+        finally:
+            if region is not None:
+                region.__exit__(None, None, None)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    step = prof.result
+    print(
+        f"# {args.model}, input {tuple(shape)}, frozen: {', '.join(modules) or 'nothing'}; "
+        "one training step, FLOPs = 2 x MACs, each module's own work (children excluded), "
+        "so the rows add up to the total",
+        file=sys.stderr,
+    )
+    print(render_modules(step, args.format, depth=args.depth))
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,11 +276,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
     timeline = sub.add_parser("timeline", help="print a schedule's decisions over ticks")
-    timeline.add_argument(
-        "schedule", help='a schedule config as JSON, e.g. \'{"type": "Step", "rho": 5}\''
-    )
+    timeline.add_argument("schedule", help=f"a schedule config as JSON, e.g. {SCHEDULE_EXAMPLE}")
     timeline.add_argument("--ticks", type=int, default=40, help="one past the last tick")
     timeline.add_argument("--start", type=int, default=0, help="the first tick")
+    timeline.add_argument("--full", action="store_true", help="print the schedule in full")
     timeline.add_argument("--plot", metavar="PATH", help="also draw it into this image file")
     timeline.set_defaults(run=_timeline)
     project = sub.add_parser(
@@ -250,13 +321,37 @@ def _parser() -> argparse.ArgumentParser:
         "--device", default="meta", help="where to count (default meta: shapes only, no arithmetic)"
     )
     project.set_defaults(run=_project)
+    flops = sub.add_parser(
+        "flops", help="one training step's FLOPs per module (forward, input and weight grads)"
+    )
+    flops.add_argument("--model", required=True, help="import path of a model or factory")
+    flops.add_argument("--input-shape", required=True, help="example batch shape")
+    flops.add_argument(
+        "--freeze", action="append", default=[], help="submodule(s) frozen in the step"
+    )
+    flops.add_argument(
+        "--depth", type=int, default=None, help="fold modules deeper than this into their parent"
+    )
+    flops.add_argument(
+        "--by-module", action="store_true", help="(the default view; kept for clarity)"
+    )
+    flops.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    flops.add_argument("--device", default="meta", help="where to count (default meta)")
+    flops.set_defaults(run=_flops)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    status: int = args.run(args)
+    try:
+        status: int = args.run(args)
+    except CommandError as error:
+        print(f"freezesched {args.command}: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        print(f"freezesched {args.command}: {error}", file=sys.stderr)
+        return 2
     return status
 
 

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from typing import TextIO
 
 import numpy as np
@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from freezesched.freezing import FrozenStageGuard
-from freezesched.profiling import FlopAccountant, render_table
+from freezesched.profiling import FlopAccountant, RunCost, render_runs
 from freezesched.schedules import BinarySchedule, Cosine, Step, WarmupThenFreeze
 
-__all__ = ["DemoResult", "make_oriented_objects", "policies", "run_demo"]
+__all__ = ["format_table", "make_oriented_objects", "policies", "run_demo", "to_json"]
 
 IMAGE = 24
 
@@ -128,30 +128,6 @@ def policies(epochs: int) -> dict[str, BinarySchedule]:
     }
 
 
-@dataclass(frozen=True)
-class DemoResult:
-    """One row of the demo's table.
-
-    FLOPs are Eq. 1 totals over the run (``TFLOPs = 1e12 FLOPs``, ``FLOPs = 2 x MACs``);
-    ΔTFLOPs are against full training: measured against the full-training run of the
-    same demo, and in the paper's convention against 3 x forward.
-    """
-
-    policy: str
-    schedule: str
-    frozen_epochs: int
-    epochs: int
-    accuracy: float
-    seconds: float
-    tflops_measured: float
-    delta_tflops_measured: float | None
-    tflops_paper: float
-    delta_tflops_paper: float
-    saved_bytes_frozen_step: int | None
-    saved_bytes_trainable_step: int | None
-    cumulative_tflops: tuple[float, ...] = ()  # measured, by the end of each epoch
-
-
 class _Progress:
     """A one-line progress bar on a terminal; one line per finished policy elsewhere."""
 
@@ -209,8 +185,12 @@ def run_demo(
     pretrain_epochs: int = 4,
     seed: int = 0,
     stream: TextIO | None = None,
-) -> list[DemoResult]:
-    """Pretrain once, fine-tune under each policy, and return one row per policy.
+) -> list[RunCost]:
+    """Pretrain once, fine-tune under each policy, and return one record per policy.
+
+    Each record has the validation accuracy (``metrics["val acc %"]``), the measured
+    FLOPs per epoch (``curve``), time, FLOPs in both conventions and the bytes autograd
+    kept for backward in a frozen and a trainable step.
 
     Args:
         epochs: Fine-tuning epochs per policy (the tick of every schedule).
@@ -220,7 +200,8 @@ def run_demo(
         stream: Where the progress bar goes (default: standard error).
 
     Returns:
-        One :class:`DemoResult` per policy, in the order of :func:`policies`.
+        One :class:`~freezesched.profiling.RunCost` per policy, in the order of
+        :func:`policies`; full training first.
     """
     stream = sys.stderr if stream is None else stream
     pretrained = _pretrain(samples, pretrain_epochs, seed)
@@ -229,7 +210,6 @@ def run_demo(
     plan = policies(epochs)
     progress = _Progress(len(plan) * epochs, stream)
     results = []
-    baseline: int | None = None
     for name, schedule in plan.items():
         torch.manual_seed(seed + 3)
         model = DemoNet(8)
@@ -240,7 +220,7 @@ def run_demo(
         gen = torch.Generator().manual_seed(seed + 4)
         start = time.perf_counter()
         model.train()
-        cumulative = []
+        curve = []
         for epoch in range(epochs):
             for idx in torch.split(torch.randperm(samples, generator=gen), 32):
                 with (
@@ -251,81 +231,35 @@ def run_demo(
                     torch.autograd.backward(loss)
                 opt.step()
                 opt.zero_grad()
-            cumulative.append(accountant.totals().flops_measured / 1e12)
+            curve.append(accountant.totals().flops_measured)
             progress.step(f"{name} epoch {epoch + 1}/{epochs}")
         seconds = time.perf_counter() - start
         progress.note(f"  {name}: done in {seconds:.1f} s")
-        totals = accountant.totals()
-        if baseline is None:  # the first policy is full training
-            baseline = totals.flops_measured
-        saved = {s.state[0]: int(np.median(s.saved_bytes)) for s in accountant.states.values()}
+        run = accountant.totals(name, schedule=schedule.summary())
         results.append(
-            DemoResult(
-                policy=name,
-                schedule=repr(schedule),
-                frozen_epochs=int(schedule.timeline(epochs).sum()),
-                epochs=epochs,
-                accuracy=_accuracy(model, x_val, y_val),
-                seconds=seconds,
-                tflops_measured=totals.flops_measured / 1e12,
-                delta_tflops_measured=(totals.flops_measured - baseline) / 1e12,
-                tflops_paper=totals.flops_paper / 1e12,
-                delta_tflops_paper=totals.delta_flops_paper / 1e12,
-                saved_bytes_frozen_step=saved.get(True),
-                saved_bytes_trainable_step=saved.get(False),
-                cumulative_tflops=tuple(cumulative),
+            replace(
+                run,
+                ticks=epochs,
+                frozen_ticks=float(schedule.timeline(epochs).sum()),
+                curve=tuple(curve),
+                metrics={"val acc %": round(100 * _accuracy(model, x_val, y_val), 1)},
             )
         )
     progress.close()
     return results
 
 
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.2f}"
+def format_table(results: Sequence[RunCost]) -> str:
+    """The demo's records as an aligned text table (:func:`render_runs`).
 
-
-COLUMNS = [
-    ("policy", "policy"),
-    ("frozen", "frozen epochs"),
-    ("acc", "val acc"),
-    ("time", "time (s)"),
-    ("tflops", "TFLOPs"),
-    ("delta", "ΔTFLOPs"),
-    ("delta_paper", "ΔTFLOPs paper"),
-    ("saved", "saved MiB F/T"),
-]
-
-
-def format_table(results: Sequence[DemoResult]) -> str:
-    """The results as an aligned text table (TFLOPs measured, totals over the run).
-
-    Examples:
-        >>> row = DemoResult("full", "Step(rho=1)", 0, 2, 0.5, 1.0, 0.25, 0.0, 0.3, 0.0,
-        ...                  None, 2**20)
-        >>> print(format_table([row]))
-        policy  frozen epochs  val acc  time (s)  TFLOPs  ΔTFLOPs  ΔTFLOPs paper  saved MiB F/T
-        full    0/2            50.0%    1.0       0.2500  +0.0000  +0.0000        - / 1.00
-
-    ΔTFLOPs is measured (what autograd ran) against the full-training run; "paper" uses
-    the DBF paper's convention (backward = 2 x forward of trainable layers); "saved MiB
-    F/T" is what autograd keeps for backward in a frozen / trainable step.
+    "frozen" counts frozen epochs; FLOPs are totals over the run, ``TFLOPs = 1e12``
+    FLOPs; ΔTFLOPs is measured (what autograd ran) against the full-training run, and
+    "(2x)" in the DBF paper's convention (backward = 2 x forward of trainable layers);
+    "saved MiB" is what autograd keeps for backward in a frozen / trainable step.
     """
-    rows = [
-        {
-            "policy": r.policy,
-            "frozen": f"{r.frozen_epochs}/{r.epochs}",
-            "acc": f"{100 * r.accuracy:.1f}%",
-            "time": f"{r.seconds:.1f}",
-            "tflops": f"{r.tflops_measured:.4f}",
-            "delta": "-" if r.delta_tflops_measured is None else f"{r.delta_tflops_measured:+.4f}",
-            "delta_paper": f"{r.delta_tflops_paper:+.4f}",
-            "saved": f"{_mib(r.saved_bytes_frozen_step)} / {_mib(r.saved_bytes_trainable_step)}",
-        }
-        for r in results
-    ]
-    return render_table(rows, COLUMNS)
+    return render_runs(results)
 
 
-def to_json(results: Sequence[DemoResult]) -> str:
-    """The results as a JSON list, one object per policy."""
-    return json.dumps([asdict(r) for r in results], indent=2, ensure_ascii=False)
+def to_json(results: Sequence[RunCost]) -> str:
+    """The records as a JSON list, one object per policy (:meth:`RunCost.to_dict`)."""
+    return json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False)

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from freezesched.freezing._targets import ScheduleLike, check_schedule
-from freezesched.schedules import Schedule, check_tick
-from freezesched.schedules._base import _describe
+from freezesched._validation import check_tick, describe
+from freezesched.schedules import Schedule, ScheduleLike, check_schedule, timeline
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -82,11 +81,7 @@ def plot_timeline(
     start = check_tick(start, "start")
     if ticks <= start:
         raise ValueError(f"ticks must be greater than start ({start}), got {ticks}")
-    if isinstance(schedule, Schedule):
-        line = np.asarray(schedule.timeline(ticks, start=start), dtype=bool)
-    else:
-        line = np.asarray([schedule(t) for t in range(start, ticks)], dtype=bool)
-    rows = line.reshape(len(line), -1).T  # (stages, ticks)
+    rows = timeline(schedule, ticks, start).T  # (stages, ticks)
     if stage_labels is None:
         labels = ["frozen"] if len(rows) == 1 else [f"stage {i}" for i in range(len(rows))]
     else:
@@ -158,7 +153,7 @@ def plot_cumulative_flops(
         )
     base = next(iter(arrays)) if baseline is None else baseline
     if base not in arrays:
-        raise ValueError(f"baseline must be one of {list(arrays)}, got {_describe(baseline)}")
+        raise ValueError(f"baseline must be one of {list(arrays)}, got {describe(baseline)}")
     ax = ax if ax is not None else new_axes(7.0, 4.0)
     epochs = np.arange(1, lengths.pop() + 1)
     total = arrays[base][-1]
@@ -190,9 +185,6 @@ def save(ax: Axes, path: str, *, dpi: int = 120) -> None:
 
 
 def _short(schedule: object) -> str:
-    text = (
-        repr(schedule)
-        if isinstance(schedule, Schedule)
-        else getattr(schedule, "__name__", type(schedule).__name__)
-    )
-    return text if len(text) <= 70 else text[:67] + "..."
+    if isinstance(schedule, Schedule):
+        return schedule.summary()
+    return str(getattr(schedule, "__name__", type(schedule).__name__))

@@ -1,6 +1,7 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: create (or reuse) ./.venv and install
 # freezesched into it with the given extras. Versions pinned for development live in
-# scripts/constraints.txt (torch 2.13.0 is the CPU wheel; the package itself needs torch>=2.1).
+# scripts/constraints.txt (torch 2.13.0 is the CPU wheel; the package itself needs
+# torch>=2.12.0, see pyproject.toml).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"

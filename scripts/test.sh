@@ -9,6 +9,9 @@ ruff format --check freezesched tests examples benchmarks
 mypy --strict freezesched
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 python -m pytest -q
+# The core tests once more on the oldest supported torch and on the newest available.
+bash scripts/other_torch.sh min
+bash scripts/other_torch.sh newest
 # The MMRotate example's CPU smoke test, in its own environment (mmcv is compiled once).
 bash scripts/mmrotate_env.sh
 .venv-mmrotate/bin/python -m pytest -q examples/mmrotate_dota/tests

@@ -6,7 +6,17 @@ import math
 
 from hypothesis import strategies as st
 
-from freezesched import And, Constant, Cosine, Not, Or, Sequential, Step, WarmupThenFreeze
+from freezesched.schedules import (
+    And,
+    Constant,
+    Cosine,
+    Not,
+    Or,
+    Sequential,
+    Step,
+    UnfreezeAt,
+    WarmupThenFreeze,
+)
 
 ticks = st.integers(0, 10**9)
 
@@ -16,6 +26,7 @@ _cosines = st.tuples(st.integers(0, 50), st.integers(1, 80), st.floats(0, 1), st
 _leaves = st.one_of(
     st.builds(Constant, st.booleans()),
     st.builds(Step, st.one_of(st.integers(1, 20), st.just(math.inf))),
+    st.builds(UnfreezeAt, st.integers(0, 60)),
     _cosines,
 )
 

@@ -23,36 +23,45 @@ def tiny_results():
 
 def test_demo_rows_follow_their_schedules(tiny_results):
     expected = {name: int(s.timeline(5).sum()) for name, s in policies(5).items()}
-    assert [r.policy for r in tiny_results] == list(expected)
-    assert {r.policy: r.frozen_epochs for r in tiny_results} == expected
     assert expected == {"full (ρ=1)": 0, "frozen (ρ=∞)": 5, "DBF (ρ=1 → ρ=5)": 3, "cosine": 2}
-    for r in tiny_results:
-        assert 0.0 <= r.accuracy <= 1.0
-        assert r.seconds > 0
+    assert [r.label for r in tiny_results] == list(expected)
+    assert {r.label: r.frozen_ticks for r in tiny_results} == expected
+    for r, schedule in zip(tiny_results, policies(5).values(), strict=True):
+        # 64 samples in batches of 32: 2 steps per epoch, frozen exactly on frozen epochs
+        assert r.steps == 10 and r.frozen_steps == 2 * int(schedule.timeline(5).sum())
+        assert 0.0 <= r.metrics["val acc %"] <= 100.0
+        assert r.seconds is not None and r.seconds > 0
+        assert len(r.curve) == 5 and r.curve[-1] == r.flops_measured
+
+
+def _phase(run, frozen: bool):
+    return next(p for p in run.phases if bool(p.frozen_modules) == frozen)
 
 
 def test_demo_frozen_steps_keep_far_less_for_backward(tiny_results):
-    full, frozen = tiny_results[0], tiny_results[1]
-    assert full.saved_bytes_frozen_step is None and frozen.saved_bytes_trainable_step is None
-    assert frozen.saved_bytes_frozen_step * 3 < full.saved_bytes_trainable_step
-    dbf = tiny_results[2]
-    assert dbf.saved_bytes_frozen_step == frozen.saved_bytes_frozen_step
-    assert dbf.saved_bytes_trainable_step == full.saved_bytes_trainable_step
-    table = format_table(tiny_results)
-    assert table.splitlines()[0].startswith("policy") and "DBF (ρ=1 → ρ=5)" in table
-    assert "ΔTFLOPs" in table.splitlines()[0]
+    full, frozen, dbf, _ = tiny_results
+    assert [p.frozen_modules for p in full.phases] == [()]
+    assert [p.frozen_modules for p in frozen.phases] == [("backbone",)]
+    assert _phase(frozen, True).saved_bytes * 3 < _phase(full, False).saved_bytes
+    assert _phase(dbf, True).saved_bytes == _phase(frozen, True).saved_bytes
+    assert _phase(dbf, False).saved_bytes == _phase(full, False).saved_bytes
+    header = format_table(tiny_results).splitlines()[0].split("  ")
+    assert [h.strip() for h in header if h.strip()][:6] == [
+        "policy", "frozen", "val acc %", "TFLOPs", "ΔTFLOPs", "ΔTFLOPs (2x)",
+    ]  # fmt: skip
 
 
 def test_demo_flops_columns(tiny_results):
     full, frozen, dbf, cosine = tiny_results
-    assert full.delta_tflops_measured == 0 and full.delta_tflops_paper == 0
-    assert frozen.delta_tflops_measured < dbf.delta_tflops_measured < 0
-    assert frozen.delta_tflops_paper < dbf.delta_tflops_paper < 0
+    assert full.delta_flops_measured == 0 and full.delta_flops_2x == 0
+    frozen_delta = frozen.flops_measured - full.flops_measured  # same samples
+    dbf_delta, cosine_delta = dbf.delta_flops_measured, cosine.delta_flops_measured
+    assert frozen_delta < dbf_delta < 0 and frozen.delta_flops_2x < dbf.delta_flops_2x < 0
     # Frozen epochs save exactly per-epoch savings: DBF froze 3 of 5 epochs, frozen all 5.
-    assert dbf.delta_tflops_paper == pytest.approx(frozen.delta_tflops_paper * 3 / 5)
-    assert dbf.delta_tflops_measured == pytest.approx(frozen.delta_tflops_measured * 3 / 5)
-    assert cosine.delta_tflops_measured == pytest.approx(frozen.delta_tflops_measured * 2 / 5)
-    assert full.tflops_measured > 0
+    assert dbf.delta_flops_2x * 5 == frozen.delta_flops_2x * 3
+    assert dbf_delta * 5 == frozen_delta * 3 and cosine_delta * 5 == frozen_delta * 2
+    rows = [line.split() for line in format_table(tiny_results).splitlines()[1:]]
+    assert [r[1] for r in rows[:2]] == ["(ρ=1)", "(ρ=∞)"]
 
 
 def test_demo_data_are_a_pure_function_of_the_seed():
@@ -69,20 +78,23 @@ def test_cli_demo_prints_the_table_and_writes_json_and_a_plot(tmp_path, capsys):
                    "--json", str(out), "--plot", str(png)])  # fmt: skip
     assert status == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
-    printed = capsys.readouterr().out
-    assert "frozen epochs" in printed and "cosine" in printed
+    printed = capsys.readouterr().out.splitlines()
     rows = json.loads(out.read_text(encoding="utf-8"))
     expected = [int(s.timeline(2).sum()) for s in policies(2).values()]
-    assert [r["frozen_epochs"] for r in rows] == expected == [0, 2, 0, 1]
+    assert [r["frozen_ticks"] for r in rows] == expected == [0, 2, 0, 1]
+    # The printed table's frozen column says the same, policy by policy.
+    assert [line.split("  ")[0].strip() for line in printed[1:]] == list(policies(2))
+    assert [f"{e}/2" in line for e, line in zip(expected, printed[1:], strict=True)] == [True] * 4
     for r in rows:  # the plotted curve ends at the table's total
-        assert len(r["cumulative_tflops"]) == 2
-        assert r["cumulative_tflops"][-1] == pytest.approx(r["tflops_measured"], rel=1e-12)
+        assert len(r["curve"]) == 2 and r["curve"][-1] == r["totals"]["flops_measured"]
 
 
 def test_cli_timeline(capsys):
     assert main(["timeline", '{"type": "Step", "rho": 3}', "--ticks", "7"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["Step(rho=3)", "  frozen .##.##.  (4/7 frozen; # = frozen)"]
+    assert out == ["Step(3)", "  frozen .##.##.  (4/7 frozen; # = frozen)"]
+    assert main(["timeline", '{"type": "Step", "rho": 3}', "--ticks", "2", "--full"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "Step(rho=3)"
     layerwise = (
         '{"type": "Layerwise", "stages": [{"type": "Step", "rho": "inf"}, '
         '{"type": "Constant", "frozen": false}]}'
@@ -97,8 +109,9 @@ def test_cli_timeline(capsys):
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["timeline", "{nope"], "Expecting property name"),
-        (["timeline", '{"type": "Step", "rho": 0}'], "rho must be an int >= 1"),
+        (["timeline", "{nope"], "'{nope' is not JSON (Expecting property name"),
+        (["timeline", "Step(5)"], 'must be a schedule config in JSON, e.g. \'{"type": '),
+        (["timeline", '{"type": "Step", "rho": 0}'], "rho must be an int in [1, 2**53 - 1]"),
         (["timeline", '{"type": "Step", "rho": 2}', "--ticks", "-1"], "stop must be an int"),
     ],
 )
@@ -177,12 +190,12 @@ def test_cli_project_matches_the_library(capsys):
         "full (ρ=1)", "frozen (ρ=∞)", "DBF (ρ=1 → ρ=2)", "DBF (ρ=1 → ρ=5)",
         "DBF (ρ=1 → ρ=10)", "DBF (ρ=1 → ρ=∞)",
     ]  # fmt: skip
-    assert [r["frozen_epochs"] for r in rows] == [0, 45, 20, 32, 36, 40]
+    assert [r["frozen"] for r in rows] == ["0/45", "45/45", "20/45", "32/45", "36/45", "40/45"]
     expected = project_policies(make_net(), (2, 3, 16, 16), "backbone",
                                 {"x": WarmupThenFreeze(5, then=Step(5))}, epochs=45,
                                 samples_per_epoch=100)[0]  # fmt: skip
-    assert rows[3]["delta_tflops_paper"] == expected.delta_tflops_paper
-    assert rows[3]["delta_tflops_measured"] == expected.delta_tflops_measured
+    assert rows[3]["delta_tflops_2x"] == expected.delta_flops_2x / 1e12
+    assert rows[3]["delta_tflops"] == expected.delta_flops_measured / 1e12
 
 
 def test_cli_project_custom_policy_to_file(tmp_path, capsys):
@@ -193,7 +206,9 @@ def test_cli_project_custom_policy_to_file(tmp_path, capsys):
             "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith("| policy | frozen epochs |") and lines[2].startswith("| mine | 5 |")
+    assert lines[0].startswith("| policy | frozen | TFLOPs |") and lines[2].startswith(
+        "| mine | 5/10 |"
+    )
 
 
 @pytest.mark.parametrize(

@@ -219,11 +219,11 @@ def resnet50() -> nn.Module:
 
 def test_resnet50_full_step_backward_is_1_971_times_forward():
     cost = measure_state_cost(resnet50(), (1, 3, 224, 224), ["0"], (False,))
-    forward = cost.measured.forward
+    forward = cost.flops.forward
     assert forward == 2 * 4_089_184_256  # the published ResNet-50 count, 4.089 GMACs
     stem = 2 * 112 * 112 * 64 * 3 * 49
-    assert cost.measured.backward == 2 * forward - stem
-    assert round(cost.measured.backward / forward, 3) == 1.971
+    assert cost.flops.backward == 2 * forward - stem
+    assert round(cost.flops.backward / forward, 3) == 1.971
 
 
 # --- projection arithmetic equals the closed form -----------------------------------------------
@@ -253,12 +253,14 @@ def test_projection_equals_closed_form(costs, schedule, frozen_epochs):
     epochs, n = 150, 1000
     row = project(costs, schedule, epochs=epochs, samples_per_epoch=n, num_modules=1)
     full, frozen = costs[(False,)], costs[(True,)]
-    assert row.frozen_epochs == frozen_epochs
-    expected_paper = n * ((epochs - frozen_epochs) * full.paper + frozen_epochs * frozen.paper)
-    assert row.flops_paper == expected_paper
+    assert row.frozen_ticks == frozen_epochs
+    expected_paper = n * (
+        (epochs - frozen_epochs) * full.flops_2x + frozen_epochs * frozen.flops_2x
+    )
+    assert row.flops_2x == expected_paper
     # Paper convention: each frozen epoch saves 2 x the backbone's forward per sample.
-    assert row.delta_flops_paper == -frozen_epochs * n * 2 * frozen.frozen_forward
-    saving = full.measured.total - frozen.measured.total
+    assert row.delta_flops_2x == -frozen_epochs * n * 2 * frozen.frozen_forward
+    saving = full.measured - frozen.measured
     assert row.delta_flops_measured == -frozen_epochs * n * saving
 
 
@@ -272,15 +274,15 @@ def test_layerwise_projection_equals_closed_form():
         s: measure_state_cost(net, (2, 3, 16, 16), names, s)
         for s in [(False,) * 3, (True, False, False), (True, True, False), (True,) * 3]
     }
-    expected = 10 * sum(10 * cost[s].paper for s in cost)  # 10 epochs in each state
-    assert rows[0].flops_paper == expected
-    assert rows[0].frozen_epochs == pytest.approx((10 * 1 + 10 * 2 + 10 * 3) / 3)
+    expected = 10 * sum(10 * cost[s].flops_2x for s in cost)  # 10 epochs in each state
+    assert rows[0].flops_2x == expected
+    assert rows[0].frozen_ticks == pytest.approx((10 * 1 + 10 * 2 + 10 * 3) / 3)
 
 
 def test_projection_of_1600_epochs_is_arithmetic_only(costs):
     row = project(costs, WarmupThenFreeze(400, then=Step(10)), epochs=1600,
                   samples_per_epoch=11725, num_modules=1)  # fmt: skip
-    assert row.frozen_epochs == 1080
+    assert row.frozen_ticks == 1080
 
 
 def test_projection_needs_every_visited_state(costs):
@@ -301,5 +303,5 @@ def test_profiler_result_only_after_exit_and_type_checks():
     prof = FlopProfiler()
     with pytest.raises(RuntimeError, match=r"after the with-block exits"):
         _ = prof.result
-    with pytest.raises(TypeError, match=r"model must be an nn\.Module or None, got str"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module or None, got 'net' \(str\)"):
         FlopProfiler("net")

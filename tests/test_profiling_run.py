@@ -13,7 +13,14 @@ from helpers import batch, make_net
 from torch import nn
 
 from freezesched import FrozenStageGuard, Layerwise, Step, WarmupThenFreeze
-from freezesched.profiling import FlopAccountant, count_flops, project_policies, render_table
+from freezesched.profiling import (
+    FlopAccountant,
+    RunCost,
+    count_flops,
+    project_policies,
+    render_runs,
+    render_table,
+)
 
 BATCHES = [4, 4, 3]  # an uneven last batch: per-sample extrapolation must be exact
 
@@ -51,9 +58,12 @@ def test_sampled_accounting_equals_exhaustive_counting(schedule, stages):
     sampled, _ = _train(schedule, stages, samples_per_state=1)
     every_step, _ = _train(schedule, stages, samples_per_state=10**9)
     _, exhaustive = _train(schedule, stages, samples_per_state=None)
-    assert sampled.totals() == every_step.totals()
-    assert sampled.totals().flops_measured == exhaustive
-    assert sum(s.steps for s in sampled.states.values()) == 6 * len(BATCHES)
+    a, b = sampled.totals(), every_step.totals()
+    assert [(p.frozen_modules, p.samples, p.cost) for p in a.phases] == [
+        (p.frozen_modules, p.samples, p.cost) for p in b.phases
+    ]
+    assert a.flops_measured == b.flops_measured == exhaustive
+    assert a.steps == 6 * len(BATCHES)
 
 
 def test_totals_agree_with_the_projection():
@@ -62,9 +72,9 @@ def test_totals_agree_with_the_projection():
     totals = acct.totals()
     projected = project_policies(make_net(seed=1), (4, 3, 16, 16), "backbone", {"p": schedule},
                                  epochs=6, samples_per_epoch=sum(BATCHES))[0]  # fmt: skip
-    assert totals.flops_paper == projected.flops_paper
+    assert totals.flops_2x == projected.flops_2x
     assert totals.flops_measured == projected.flops_measured
-    assert totals.delta_flops_paper == projected.delta_flops_paper
+    assert totals.delta_flops_2x == projected.delta_flops_2x
     assert totals.delta_flops_measured == projected.delta_flops_measured
 
 
@@ -75,18 +85,18 @@ def test_measured_baseline_is_unknown_without_an_all_trainable_step():
         model(batch(0)[0]).sum().backward()
     totals = acct.totals()
     assert totals.delta_flops_measured is None
-    assert totals.delta_flops_paper < 0
+    assert totals.delta_flops_2x < 0
 
 
-def test_rows_report_time_and_memory_per_state():
+def test_phases_report_time_and_memory_per_state():
     acct, _ = _train(Step(2), False, samples_per_state=1)
-    rows = {r["state"]: r for r in acct.rows()}
-    assert set(rows) == {"T", "F"}
-    assert rows["F"]["frozen"] == "backbone" and rows["T"]["frozen"] == "-"
-    assert rows["F"]["saved_mib"] < rows["T"]["saved_mib"]
-    assert rows["F"]["gflops_backward"] < rows["T"]["gflops_backward"]
-    assert rows["T"]["seconds_per_step"] > 0 and rows["T"]["peak_cuda_mib"] is None
-    assert rows["T"]["steps"] == 9 and rows["T"]["samples"] == 33
+    phases = {p.frozen_modules: p for p in acct.totals().phases}
+    assert set(phases) == {(), ("backbone",)}
+    frozen, trainable = phases[("backbone",)], phases[()]
+    assert frozen.saved_bytes < trainable.saved_bytes
+    assert frozen.cost.flops.backward < trainable.cost.flops.backward
+    assert trainable.seconds_per_step > 0 and trainable.peak_cuda_bytes is None
+    assert trainable.steps == 9 and trainable.samples == 33
 
 
 @pytest.mark.parametrize("fmt", ["text", "markdown", "csv", "json"])
@@ -94,24 +104,32 @@ def test_report_formats(fmt):
     acct, _ = _train(Step(2), False, samples_per_state=1)
     out = acct.report(fmt)
     if fmt == "json":
-        assert [r["state"] for r in json.loads(out)] == ["T", "F"]
+        assert [r["frozen"] for r in json.loads(out)] == ["-", "backbone"]
     elif fmt == "csv":
         rows = list(csv.DictReader(io.StringIO(out)))
-        assert [r["state"] for r in rows] == ["T", "F"] and rows[0]["peak_cuda_mib"] == ""
+        assert [r["frozen"] for r in rows] == ["-", "backbone"] and rows[0]["peak_cuda_mib"] == ""
     elif fmt == "markdown":
         assert out.splitlines()[1].startswith("|---|") and out.count("\n") == 3
     else:
-        assert out.splitlines()[0].startswith("state (F=frozen)")
+        assert out.splitlines()[0].startswith("frozen modules")
+
+
+def test_the_record_round_trips_through_json():
+    acct, _ = _train(Step(2), False, samples_per_state=1)
+    record = acct.totals("DBF", schedule="Step(2)").with_metrics(acc=0.5)
+    again = RunCost.from_dict(json.loads(record.to_json()))
+    assert again == record
+    assert json.loads(record.to_json())["totals"]["flops_measured"] == record.flops_measured
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"samples_per_state must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"samples_per_state must be an int in \[1, .*got 0"):
         FlopAccountant(make_net(), samples_per_state=0)
     with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         FlopAccountant("net")
     acct = FlopAccountant(make_net())
     with (
-        pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"),
+        pytest.raises(ValueError, match=r"batch_size must be an int in \[1, .*got 0"),
         acct.step(batch_size=0),
     ):
         pass
@@ -128,27 +146,24 @@ def test_bad_input():
 
 
 def test_run_table_compares_policies_like_table_iii():
-    from freezesched import Step
-    from freezesched.profiling import run_table
-
     full, _ = _train(Step(1), False, samples_per_state=1)
     frozen, _ = _train(Step(10**6), False, samples_per_state=1)  # frozen except tick 0
     never, _ = _train(WarmupThenFreeze(0), False, samples_per_state=1)  # frozen throughout
-    rows = [full.summary("full"), frozen.summary("mostly frozen"), never.summary("frozen")]
-    assert rows[2]["delta_tflops_measured"] is None  # unknown from this run alone
-    table = json.loads(run_table(rows, "json"))
+    runs = [full.totals("full"), frozen.totals("mostly frozen"), never.totals("frozen")]
+    assert runs[2].delta_flops_measured is None  # unknown from this run alone
+    table = json.loads(render_runs(runs, "json"))
     assert [r["policy"] for r in table] == ["full", "mostly frozen", "frozen"]
-    assert table[0]["delta_seconds"] == 0 and table[0]["delta_tflops_measured"] == 0
-    assert table[1]["frozen_steps"] == 15 and table[2]["frozen_steps"] == 18
+    assert table[0]["delta_seconds"] == 0 and table[0]["delta_tflops"] == 0
+    assert table[1]["frozen"] == "15/18" and table[2]["frozen"] == "18/18"
     # Filled from the baseline run: the same samples, so the same as the difference.
-    assert table[2]["delta_tflops_measured"] == pytest.approx(
-        rows[2]["tflops_measured"] - rows[0]["tflops_measured"]
+    assert table[2]["delta_tflops"] == pytest.approx(
+        (runs[2].flops_measured - runs[0].flops_measured) / 1e12
     )
-    assert table[2]["delta_tflops_measured"] < table[1]["delta_tflops_measured"] < 0
-    assert table[2]["delta_tflops_paper"] < table[1]["delta_tflops_paper"] < 0
-    assert table[2]["saved_mib"] < table[0]["saved_mib"]
+    assert table[2]["delta_tflops"] < table[1]["delta_tflops"] < 0
+    assert table[2]["delta_tflops_2x"] < table[1]["delta_tflops_2x"] < 0
+    assert table[2]["saved_mib_frozen"] < table[0]["saved_mib_trainable"]
     assert all(r["seconds"] > 0 and r["peak_cuda_mib"] is None for r in table)
-    assert run_table(rows).splitlines()[0].startswith("policy")
+    assert render_runs(runs).splitlines()[0].startswith("policy")
 
 
 def test_peak_cuda_memory_bookkeeping_with_a_fake_allocator(monkeypatch):
@@ -165,14 +180,13 @@ def test_peak_cuda_memory_bookkeeping_with_a_fake_allocator(monkeypatch):
     for step in range(3):
         with acct.step(batch_size=4):
             model(batch(step)[0]).sum().backward()
-    stats = acct.states[()]
-    assert stats.peak_cuda_bytes == [3 * 2**20, 5 * 2**20]  # the third step was not sampled
+    (phase,) = acct.totals().phases
+    assert phase.peak_cuda_bytes == 4 * 2**20  # the median of 3 and 5 MiB; step 3 uncounted
     assert calls == ["sync", "reset", "sync"] * 2
-    assert acct.rows()[0]["peak_cuda_mib"] == 4.0
-    assert acct.summary("x")["peak_cuda_mib"] == 4.0
+    assert json.loads(render_runs([acct.totals("x")], "json"))[0]["peak_cuda_mib"] == 4.0
 
 
-@pytest.mark.parametrize("convention", ["measured", "paper"])
+@pytest.mark.parametrize("convention", ["measured", "2x"])
 def test_cumulative_flops_ends_at_the_projected_total(convention):
     from freezesched import Cosine
     from freezesched.profiling import cumulative_flops, measure_policy_costs, project
@@ -184,9 +198,7 @@ def test_cumulative_flops_ends_at_the_projected_total(convention):
         curve = cumulative_flops(costs, schedule, epochs=20, samples_per_epoch=50,
                                  num_modules=1, convention=convention)  # fmt: skip
         total = project(costs, schedule, epochs=20, samples_per_epoch=50, num_modules=1)
-        assert curve[-1] == (
-            total.flops_measured if convention == "measured" else total.flops_paper
-        )
+        assert curve[-1] == (total.flops_measured if convention == "measured" else total.flops_2x)
         steps = np.diff(curve, prepend=0)
         frozen = schedule.timeline(20)
         assert len(set(steps[frozen].tolist())) <= 1 and len(set(steps[~frozen].tolist())) == 1
@@ -226,7 +238,7 @@ def test_data_dependent_step_costs_are_refused_or_averaged_within_rtol():
     for k in (8, 6):
         prof = count_flops(lambda k=k: model(x, k).sum().backward(), model)
         costs.append(prof.total.total / 8)
-    (stats,) = loose.states.values()
-    assert stats.cost.measured.total == pytest.approx(sum(costs) / 2, abs=1)
+    (phase,) = loose.totals().phases
+    assert phase.cost.measured == pytest.approx(sum(costs) / 2, abs=1)
     with pytest.raises(ValueError, match="rtol"):
         FlopAccountant(model, rtol=1.5)

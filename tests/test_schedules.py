@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import frozen_at
 from strategies import binary_schedules, ticks
 
-import freezesched
-from freezesched import (
+import freezesched.schedules
+from freezesched.schedules import (
+    MAX_TICK,
     And,
+    BinarySchedule,
     Constant,
     Cosine,
     Layerwise,
@@ -22,7 +25,9 @@ from freezesched import (
     Schedule,
     Sequential,
     Step,
+    UnfreezeAt,
     WarmupThenFreeze,
+    register_schedule,
     schedule_from_config,
 )
 
@@ -35,6 +40,7 @@ ALL_SCHEDULES: list[Schedule] = [
     Step(math.inf),
     WarmupThenFreeze(5),
     WarmupThenFreeze(4, then=Step(3)),
+    UnfreezeAt(6),
     Sequential([Step(2)]),
     Sequential([Constant(False), Step(2), Constant(True)], boundaries=[3, 9]),
     And(Step(2), Step(3)),
@@ -118,11 +124,16 @@ def test_one_element_combinators_equal_their_child(child):
         assert all(wrapped(t) == child(t) for t in (0, 7, 10**12))
 
 
-@given(rho=st.integers(1, 50), warmup=st.integers(0, 50), t=st.integers(0, 10**6))
-def test_double_negation_is_identity(rho, warmup, t):
-    s = WarmupThenFreeze(warmup, then=Step(rho))
-    assert Not(Not(s))(t) == s(t)
-    assert ~~s == s
+def test_unfreeze_at_is_the_negated_warmup():
+    assert UnfreezeAt(3).timeline(6).astype(int).tolist() == [1, 1, 1, 0, 0, 0]
+    assert np.array_equal(UnfreezeAt(7).timeline(50), (~WarmupThenFreeze(7)).timeline(50))
+    assert UnfreezeAt(0)(0) is False
+
+
+def test_warmup_then_step_trains_warmup_plus_one_ticks_in_a_row():
+    # As the docstring says: Step's tick 0 trains, so the first frozen tick is warmup + 1.
+    line = WarmupThenFreeze(2, then=Step(3)).timeline(9)
+    assert "".join("#" if f else "." for f in line) == "...##.##."
 
 
 # --- cosine duty ----------------------------------------------------------------------
@@ -208,17 +219,16 @@ def test_layerwise_accepts_per_stage_binary_schedules():
 
 
 @pytest.mark.parametrize("s", ALL_SCHEDULES, ids=IDS)
-def test_scalar_calls_agree_with_the_vectorized_timeline(s):
+def test_every_schedule_matches_an_independent_reference(s):
+    # tests/reference.py evaluates each schedule tick by tick from its definition, in plain
+    # Python integers and fractions: it shares no code with the vectorized evaluation.
     line = s.timeline(200)
     for t in range(200):
-        expected = line[t]
-        got = s(t)
-        if s.num_stages == 1:
-            assert got is bool(expected)
-        else:
-            assert got == tuple(bool(x) for x in expected)
-    far = s.timeline(10**12 + 5, start=10**12)
-    assert np.array_equal(far[3], np.asarray(s(10**12 + 3)))
+        expected = frozen_at(s, t)
+        assert s(t) == expected
+        assert (bool(line[t]) if s.num_stages == 1 else tuple(map(bool, line[t]))) == expected
+    for t in (10**12, 10**12 + 3, MAX_TICK - 1, MAX_TICK):
+        assert s(t) == frozen_at(s, t)
 
 
 @pytest.mark.parametrize("s", ALL_SCHEDULES, ids=IDS)
@@ -241,7 +251,9 @@ def test_config_round_trip_through_json(s):
 
 @pytest.mark.parametrize("s", ALL_SCHEDULES, ids=IDS)
 def test_repr_evaluates_back_to_an_equal_schedule(s):
-    namespace = {name: getattr(freezesched, name) for name in freezesched.__all__}
+    namespace = {
+        name: getattr(freezesched.schedules, name) for name in freezesched.schedules.__all__
+    }
     namespace["inf"] = math.inf
     rebuilt = eval(repr(s), namespace)
     assert rebuilt == s and hash(rebuilt) == hash(s)
@@ -271,15 +283,23 @@ def test_config_accepts_inf_as_a_string():
 @pytest.mark.parametrize(
     ("build", "error", "fragment"),
     [
-        (lambda: Step(0), ValueError, "rho must be an int >= 1 or math.inf, got 0"),
+        (lambda: Step(0), ValueError, "rho must be an int in [1, 2**53 - 1] or math.inf, got 0"),
+        (lambda: Step(2**70), ValueError, f"or math.inf, got {2**70}"),
         (lambda: Step(-1), ValueError, "got -1"),
         (lambda: Step(2.5), ValueError, "got 2.5"),
         (lambda: Step(math.nan), ValueError, "got nan"),
         (lambda: Step(-math.inf), ValueError, "got -inf"),
-        (lambda: Step("5"), TypeError, "rho must be an int >= 1 or math.inf, got '5' (str)"),
+        (lambda: Step("5"), TypeError, "or math.inf, got '5' (str)"),
         (lambda: Step(True), TypeError, "got True (bool)"),
         (lambda: Constant(1), TypeError, "frozen must be a bool, got 1 (int)"),
-        (lambda: WarmupThenFreeze(-2), ValueError, "warmup must be an int >= 0, got -2"),
+        (
+            lambda: WarmupThenFreeze(-2),
+            ValueError,
+            "warmup must be an int in [0, 2**53 - 1], got -2",
+        ),
+        (lambda: WarmupThenFreeze(2**53), ValueError, f"got {2**53}"),
+        (lambda: UnfreezeAt(-1), ValueError, "tick must be an int in [0, 2**53 - 1]"),
+        (lambda: Cosine(0, 2**60), ValueError, "end must be an int in [0, 2**53 - 1]"),
         (lambda: WarmupThenFreeze(2, then=5), TypeError, "then must be a BinarySchedule"),
         (lambda: WarmupThenFreeze(2, then=Layerwise([Step(2)])), TypeError, "BinarySchedule"),
         (
@@ -302,8 +322,8 @@ def test_config_accepts_inf_as_a_string():
         (lambda: Layerwise([]), ValueError, "at least one schedule"),
         (lambda: Layerwise.progressive(3, first=9, last=2), ValueError, "last must be >= first"),
         (lambda: Layerwise.progressive(3, 0, 9, spacing="log"), ValueError, "spacing must be"),
-        (lambda: Layerwise.gradual_unfreeze(0), ValueError, "num_stages must be an int >= 1"),
-        (lambda: Layerwise.gradual_unfreeze(3, every=0), ValueError, "every must be an int >= 1"),
+        (lambda: Layerwise.gradual_unfreeze(0), ValueError, "num_stages must be an int in [1,"),
+        (lambda: Layerwise.gradual_unfreeze(3, every=0), ValueError, "every must be an int in [1,"),
     ],
 )
 def test_bad_construction_raises_a_clear_error(build, error, fragment):
@@ -315,8 +335,10 @@ def test_bad_construction_raises_a_clear_error(build, error, fragment):
 @pytest.mark.parametrize(
     ("tick", "error", "fragment"),
     [
-        (-1, ValueError, "t must be an int >= 0, got -1"),
-        (2.0, TypeError, "t must be an int >= 0, got 2.0 (float)"),
+        (-1, ValueError, "t must be an int in [0, 2**53 - 1], got -1"),
+        (2**53, ValueError, f"t must be an int in [0, 2**53 - 1], got {2**53}"),
+        (2**63, ValueError, f"got {2**63}"),
+        (2.0, TypeError, "t must be an int in [0, 2**53 - 1], got 2.0 (float)"),
         (True, TypeError, "got True (bool)"),
         ("3", TypeError, "got '3' (str)"),
     ],
@@ -365,17 +387,99 @@ def test_property_one_element_combinators_are_identity(s):
     assert np.array_equal(Or(s).timeline(400), line)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(s=binary_schedules, t=ticks)
-def test_property_double_negation_and_scalar_vs_timeline(s, t):
-    assert Not(Not(s))(t) == s(t)
-    assert (~s)(t) is not s(t)
-    assert s(t) == bool(s.timeline(t + 1, start=t)[0])
+def test_property_random_schedules_match_the_reference(s, t):
+    assert s(t) == frozen_at(s, t)
+    assert bool(s.timeline(t + 1, start=t)[0]) == frozen_at(s, t)
+    assert (~s)(t) is (not frozen_at(s, t))
 
 
 @settings(max_examples=150, deadline=None)
 @given(s=binary_schedules)
 def test_property_config_and_repr_round_trip(s):
     assert schedule_from_config(json.loads(json.dumps(s.to_config()))) == s
-    namespace = {name: getattr(freezesched, name) for name in freezesched.__all__}
+    namespace = {
+        name: getattr(freezesched.schedules, name) for name in freezesched.schedules.__all__
+    }
     assert eval(repr(s), {**namespace, "inf": math.inf}) == s
+
+
+# --- edge cases at the limits ------------------------------------------------------------
+
+
+def test_cosine_over_a_very_long_anneal_keeps_its_duty_bound():
+    # A relative snapping epsilon let counts drift by one once the integral was ~1e9.
+    s = Cosine(begin=0, end=10**12)
+    for start in (0, 10**9, 5 * 10**11 - 500, 10**12 - 1000):
+        line = ~s.timeline(start + 1000, start=start)
+        before = _exact_trainable_count(s, start)
+        counts = before + np.concatenate([[0], np.cumsum(line)])
+        for k in range(0, 1001, 50):
+            t = start + k
+            integral = _integral_high_precision(s, t)
+            eps = (4 + 10**12) * 2.0**-48
+            assert integral - eps <= counts[k] < integral + 1, (t, counts[k], integral)
+
+
+def _integral_high_precision(s: Cosine, t: int) -> float:
+    from fractions import Fraction
+
+    b, e, d0, d1 = s.begin, s.end, Fraction(s.initial_duty), Fraction(s.final_duty)
+    x = min(max(t - b, 0), e - b)
+    exact = d0 * min(t, b) + (d0 + d1) / 2 * x + d1 * max(t - e, 0)
+    return float(exact) + float(d0 - d1) * (e - b) / (2 * math.pi) * math.sin(math.pi * x / (e - b))
+
+
+def _exact_trainable_count(s: Cosine, t: int) -> int:
+    return t - int(s.timeline(t).sum()) if t < 10**6 else s._trainable_count(np.array([t]))[0]
+
+
+def test_cosine_at_the_largest_tick_after_its_anneal():
+    # A float integral could not tell 2**53 from 2**53 + 1 and reported frozen.
+    assert Cosine(0, 10, 0.3, 1.0)(MAX_TICK) is False
+    assert Cosine(0, 10, 0.0, 0.0)(MAX_TICK) is True
+    s = Cosine(0, 10, 0.5, 0.5)
+    assert [s(t) for t in range(MAX_TICK - 3, MAX_TICK + 1)] == [
+        frozen_at(s, t) for t in range(MAX_TICK - 3, MAX_TICK + 1)
+    ]
+
+
+def test_a_user_class_named_like_a_builtin_cannot_take_over_configs():
+    class Step(BinarySchedule):
+        def _frozen_at(self, ticks):
+            return np.zeros(ticks.shape, dtype=bool)
+
+    assert type(schedule_from_config({"type": "Step", "rho": 2})).__module__.startswith(
+        "freezesched"
+    )
+    with pytest.raises(ValueError, match="freezesched's own"):
+        register_schedule(Step)
+
+
+def test_register_schedule_and_init_false_fields():
+    from dataclasses import dataclass, field
+
+    @register_schedule
+    @dataclass(frozen=True)
+    class EveryOther(BinarySchedule):
+        offset: int = 0
+        cache: int = field(init=False, default=0, repr=False, compare=False)
+
+        def _frozen_at(self, ticks):
+            return (ticks + self.offset) % 2 == 1
+
+    s = EveryOther(1)
+    assert s.to_config() == {"type": "EveryOther", "offset": 1}
+    assert schedule_from_config({"type": "EveryOther", "offset": 1}) == s
+
+    @dataclass(frozen=True)
+    class Unset(BinarySchedule):  # an init=False field nobody sets
+        rate: int = field(init=False, repr=False, compare=False)
+
+        def _frozen_at(self, ticks):
+            return ticks < 0
+
+    assert Unset().to_config() == {"type": "Unset"}
+    with pytest.raises(ValueError, match="already registered"):
+        register_schedule(Unset, name="EveryOther")

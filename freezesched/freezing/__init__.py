@@ -1,17 +1,25 @@
-"""Applying freeze decisions to modules: the guard (per region) and controller (per epoch).
+"""Applying freeze decisions to modules: one mechanism, three faces.
 
-Both are thin faces of one mechanism (:mod:`freezesched.freezing._mechanism`).
+:func:`freeze` freezes now, :class:`FrozenStageGuard` freezes a region of code when its
+schedule says so, and :class:`FreezeController` applies schedules at epoch granularity;
+all three are thin faces of :mod:`freezesched.freezing._mechanism`, configured by one
+:class:`FreezePolicy`.
 """
 
 from freezesched.freezing._amp import FreezeAwareGradScaler, has_grads
-from freezesched.freezing._controller import (
-    FreezeController,
+from freezesched.freezing._controller import FreezeController
+from freezesched.freezing._distributed import check_ddp_settings, unwrap
+from freezesched.freezing._guard import FrozenRegion, FrozenStageGuard, freeze
+from freezesched.freezing._mechanism import is_frozen
+from freezesched.freezing._optim import LRRamp, check_optimizers, reset_optimizer_state
+from freezesched.freezing._policy import (
+    FreezePolicy,
+    ModePolicy,
     OptimizerPolicy,
-    reset_optimizer_state,
+    TrainableSpec,
+    resolve_policy,
 )
-from freezesched.freezing._guard import FrozenRegion, FrozenStageGuard
-from freezesched.freezing._mechanism import FreezePolicy, ModePolicy, TrainableSpec, is_frozen
-from freezesched.freezing._targets import ScheduleLike
+from freezesched.freezing._targets import TargetSpec
 
 __all__ = [
     "FreezeAwareGradScaler",
@@ -19,11 +27,17 @@ __all__ = [
     "FreezePolicy",
     "FrozenRegion",
     "FrozenStageGuard",
+    "LRRamp",
     "ModePolicy",
     "OptimizerPolicy",
-    "ScheduleLike",
+    "TargetSpec",
     "TrainableSpec",
+    "check_ddp_settings",
+    "check_optimizers",
+    "freeze",
     "has_grads",
     "is_frozen",
     "reset_optimizer_state",
+    "resolve_policy",
+    "unwrap",
 ]

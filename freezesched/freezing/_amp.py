@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 __all__ = ["FreezeAwareGradScaler", "has_grads"]
 
@@ -55,6 +56,7 @@ class FreezeAwareGradScaler(torch.amp.GradScaler):
         super().__init__(*args, **kwargs)
         self._checked_since_update = False
 
+    @override
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Like ``GradScaler.unscale_``; does nothing for an optimizer with no gradients."""
         if self.is_enabled() and not has_grads(optimizer):
@@ -62,6 +64,7 @@ class FreezeAwareGradScaler(torch.amp.GradScaler):
         self._checked_since_update = True
         super().unscale_(optimizer)
 
+    @override
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> float | None:
         """Like ``GradScaler.step``; skips (returns ``None``) an optimizer with no gradients."""
         if self.is_enabled() and not has_grads(optimizer):
@@ -69,6 +72,7 @@ class FreezeAwareGradScaler(torch.amp.GradScaler):
         self._checked_since_update = True
         return super().step(optimizer, *args, **kwargs)
 
+    @override
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         """Like ``GradScaler.update``; keeps the scale if no optimizer had gradients."""
         checked, self._checked_since_update = self._checked_since_update, False

@@ -1,4 +1,4 @@
-"""FrozenStageGuard: freeze modules for one region of code, restore them exactly after."""
+"""FrozenStageGuard and freeze(): freeze modules for one region of code, restore them after."""
 
 from __future__ import annotations
 
@@ -6,169 +6,312 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from torch import nn
+from typing_extensions import Self
 
 from freezesched.freezing._mechanism import (
-    FreezeHandle,
-    FreezePolicy,
-    ModePolicy,
-    TrainableSpec,
+    _DEPTH,
+    Hold,
+    Plan,
     check_patterns_matched,
-    freeze,
+    critical,
+    deliver_interrupt,
+    interrupt_pending,
+    is_main_thread,
     plan_freeze,
 )
-from freezesched.freezing._targets import ScheduleLike, as_modules, check_schedule, decide
+from freezesched.freezing._policy import FreezePolicy, ModePolicy, TrainableSpec, resolve_policy
+from freezesched.freezing._targets import TargetSpec, parse_stages, resolve_stages
+from freezesched.schedules import ScheduleLike, check_schedule, evaluate, num_stages
 
-__all__ = ["FrozenRegion", "FrozenStageGuard"]
+__all__ = ["FrozenRegion", "FrozenStageGuard", "freeze"]
 
 
 class FrozenRegion:
-    """The context manager returned by ``guard(modules, tick)``; enter it once.
+    """The context manager returned by ``guard(target, tick)`` and :func:`freeze`.
+
+    Entering it freezes the stages it decided to freeze; leaving it (also by an
+    exception) restores them. Enter it once.
 
     Attributes:
-        modules: The guarded modules, in the order given.
-        frozen: One decision per module (``True`` = frozen in this region).
+        stages: The guarded modules, one group per stage.
+        frozen: One decision per stage (``True`` = frozen in this region).
+        policy: How the frozen stages are frozen.
     """
 
     def __init__(
-        self, modules: tuple[nn.Module, ...], frozen: tuple[bool, ...], policy: FreezePolicy
+        self,
+        stages: tuple[tuple[nn.Module, ...], ...],
+        frozen: tuple[bool, ...],
+        policy: FreezePolicy,
     ) -> None:
-        self.modules = modules
+        self.stages = stages
         self.frozen = frozen
-        self._policy = policy
-        self._handles: list[FreezeHandle] | None = None
+        self.policy = policy
+        self._holds: list[Hold] | None = None
+
+    @property
+    def frozen_modules(self) -> tuple[nn.Module, ...]:
+        """The modules frozen in this region, in stage order."""
+        return tuple(
+            m for stage, f in zip(self.stages, self.frozen, strict=True) if f for m in stage
+        )
 
     def __repr__(self) -> str:
-        return f"FrozenRegion(frozen={self.frozen}, entered={self._handles is not None})"
+        return f"FrozenRegion(frozen={self.frozen}, entered={self._holds is not None})"
 
-    def __enter__(self) -> FrozenRegion:
-        if self._handles is not None:
-            raise RuntimeError("this region was already entered; call guard(...) for a new one")
-        # Plan everything first (read-only), so that bad input leaves the model untouched.
-        plans = [
-            plan_freeze(m, self._policy)
-            for m, f in zip(self.modules, self.frozen, strict=True)
-            if f
-        ]
+    def plans(self) -> list[Plan]:
+        """What entering would touch, worked out without touching anything.
+
+        Raises:
+            ValueError: a trainable exception matches nothing, a parameter is an
+                uninitialized lazy one, or a shared module is trainable under one name
+                and frozen under another.
+        """
+        plans = [plan_freeze(m, self.policy) for m in self.frozen_modules]
         if plans:
-            check_patterns_matched(self._policy, plans, "the frozen modules")
-        handles: list[FreezeHandle] = []
-        try:
-            for plan in plans:
-                handles.append(freeze(plan))
-        except BaseException:
-            for handle in reversed(handles):
-                handle.release()
-            raise
-        self._handles = handles
-        return self
+            check_patterns_matched(self.policy, plans, "the frozen modules")
+        return plans
 
+    @critical
+    def __enter__(self) -> Self:
+        if self._holds is not None:
+            raise RuntimeError("this region was already entered; call guard(...) for a new one")
+        plans = self.plans()  # read-only: bad input leaves the model untouched
+        holds = [Hold(plan) for plan in plans]
+        entered, main, added = False, is_main_thread(), 0
+        try:
+            # One statement without calls: no Ctrl-C can fall between raising the depth
+            # and recording that it was raised.
+            _DEPTH[0], added = _DEPTH[0] + main, main
+            try:
+                for hold in holds:
+                    hold.acquire()
+            except BaseException:
+                _release_all(holds)
+                raise
+            if interrupt_pending():  # a Ctrl-C came meanwhile: undo, then deliver it
+                _release_all(holds)
+            else:
+                self._holds = holds
+                entered = True
+        finally:
+            _DEPTH[0] -= added  # no call between here and the return: no signal gap
+        if entered:
+            return self
+        deliver_interrupt()  # raises KeyboardInterrupt with the default handler
+        return self.__enter__()  # the handler ignored it: enter as if nothing happened
+
+    @critical
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        handles, self._handles = self._handles or [], []
-        for handle in reversed(handles):
-            handle.release()
+        main, added = is_main_thread(), 0
+        try:
+            _DEPTH[0], added = _DEPTH[0] + main, main
+            _release_all(self._holds or [])
+            self._holds = []
+        except BaseException as error:
+            if exc is None:
+                raise
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"freezesched: while restoring after this error: {error!r}")
+        finally:
+            _DEPTH[0] -= added
+            deliver_interrupt()
+
+
+def _release_all(holds: list[Hold]) -> None:
+    """Release every hold (each completes even if another raised); raise the first error."""
+    error: BaseException | None = None
+    for hold in reversed(holds):
+        try:
+            hold.release()
+        except BaseException as caught:
+            error = error or caught
+    if error is not None:
+        raise error
+
+
+def _policy(
+    policy: FreezePolicy | None,
+    bn: ModePolicy | None,
+    dropout: ModePolicy | None,
+    trainable: Sequence[TrainableSpec] | None,
+) -> FreezePolicy:
+    return resolve_policy(policy, bn=bn, dropout=dropout, trainable=trainable)
 
 
 class FrozenStageGuard:
     """Freeze a submodule for a region of code when the schedule says so.
 
-    ``guard(module, tick)`` returns a context manager. Inside it, when the schedule is
-    frozen at ``tick``:
+    ``guard(target, tick)`` returns a :class:`FrozenRegion`. Inside it, for each stage the
+    schedule freezes at ``tick``:
 
-    * the module's parameters have ``requires_grad=False`` and ``.grad is None``, so no
-      optimizer (momentum, weight decay, Adam moments, decoupled decay) moves them, even
-      when the loop calls ``zero_grad(set_to_none=False)``. Any gradient accumulated in
-      them before the region is discarded;
-    * its forward runs under :func:`torch.no_grad` when no input and no parameter inside
-      it requires grad, so no activations are kept for backward (unlike the DBF paper's
-      ``out.detach()``, which still builds and keeps the backbone's graph); when an input
-      requires grad (a frozen middle stage), input gradients still flow through it, but
-      no weight gradients are computed;
-    * BatchNorm and dropout layers follow ``bn`` / ``dropout`` (see :class:`FreezePolicy`);
+    * its parameters have ``requires_grad=False`` and ``.grad is None``, so no optimizer
+      (momentum, weight decay, Adam moments, decoupled decay) moves them, even when the
+      loop calls ``zero_grad(set_to_none=False)``; a gradient accumulated in them before
+      the region is discarded. Autograd keeps no activation for their weights, and none
+      at all for a frozen prefix of the model; a frozen middle stage still passes input
+      gradients back. Tensors that reach the forward another way (``functional_call``,
+      an adapter attached by a hook) get exactly the gradients they would without the
+      guard;
+    * BatchNorm and dropout layers follow ``bn`` / ``dropout``, and every other buffer
+      stays bitwise unchanged (see :class:`FreezePolicy`);
     * exceptions named in ``trainable`` stay trainable, with correct gradients.
 
-    On exit, also when the body raises, every ``requires_grad`` flag, train/eval mode and
-    ``forward`` is restored exactly, and nothing stays wrapped. Constructing a guard, or
-    calling it, touches nothing; only entering the region does.
+    On exit, also when the body raises, every ``requires_grad`` flag and train/eval mode is
+    restored exactly; nothing of freezesched stays on the modules. Constructing a guard,
+    or calling it, touches nothing; only entering the region does.
 
-    Nesting and overlap: holds are counted per parameter and module, so nested or
-    overlapping regions (e.g. ``backbone`` and ``backbone.layer1``) freeze the union and
-    each object returns to its original state when the last region holding it exits.
-    Where policies differ, the stricter one wins (a layer pinned to eval by one region
-    stays in eval until that region ends).
+    Nesting, overlap and threads: holds are counted per parameter and module, so nested
+    or overlapping regions (``backbone`` and ``backbone.layer1``, two guards, two threads)
+    freeze the union, and each object returns to its original state when the last region
+    holding it exits. Where policies differ, the stricter one wins.
 
     Args:
-        schedule: A :class:`~freezesched.Schedule`, or any pure function of the tick that
-            returns ``bool`` (frozen) or a tuple of bools (one per stage).
+        schedule: A :class:`~freezesched.schedules.Schedule`, or any pure function of the
+            tick that returns ``bool`` (frozen) or a tuple of bools (one per stage).
+        modules: What to freeze, as names (or groups of names) resolved against the model
+            passed to ``guard(model, tick)``; one entry per stage for a per-stage
+            schedule. Leave it out to pass the modules themselves to ``guard(...)``.
+        policy: How to freeze (:class:`FreezePolicy`); the keyword shortcuts below
+            replace its fields.
         bn: BatchNorm policy while frozen, ``"eval"`` (default) or ``"train"``.
         dropout: Dropout policy while frozen, ``"eval"`` (default) or ``"train"``.
         trainable: Name patterns and module types that stay trainable inside a frozen
-            module (adapters, LoRA, norms); each must match something.
+            module (adapters, LoRA, norms, a classifier); each must match something.
 
     Raises:
-        TypeError: ``schedule`` is not callable, or ``trainable`` is malformed.
-        ValueError: ``bn`` or ``dropout`` is not ``"eval"`` or ``"train"``.
+        TypeError: ``schedule`` is not callable, or an argument is malformed.
+        ValueError: ``bn`` or ``dropout`` is not ``"eval"`` or ``"train"``, or ``modules``
+            does not fit a per-stage schedule.
 
     Examples:
         >>> import torch
         >>> from torch import nn
         >>> from freezesched import FrozenStageGuard, Step
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-        >>> backbone, head = model[0], model[2]
         >>> guard = FrozenStageGuard(Step(2))  # trainable on even ticks
-        >>> with guard(backbone, 1) as region:
-        ...     out = model(torch.randn(3, 4)).sum()
-        ...     out.backward()
-        ...     region.frozen, backbone.weight.requires_grad, backbone.weight.grad
+        >>> with guard(model[0], 1) as region:
+        ...     model(torch.randn(3, 4)).sum().backward()
+        ...     region.frozen, model[0].weight.requires_grad, model[0].weight.grad
         ((True,), False, None)
-        >>> backbone.weight.requires_grad, head.weight.grad is not None
+        >>> model[0].weight.requires_grad, model[2].weight.grad is not None
         (True, True)
+
+        Freezing everything but the classifier of a model without a ``.backbone``:
+
+        >>> everything_but_head = FrozenStageGuard(Step(2), trainable=["2*"])
+        >>> with everything_but_head(model, 1):
+        ...     [p.requires_grad for p in model.parameters()]
+        [False, False, True, True]
     """
 
     def __init__(
         self,
         schedule: ScheduleLike,
+        modules: TargetSpec | None = None,
         *,
-        bn: ModePolicy = "eval",
-        dropout: ModePolicy = "eval",
-        trainable: Sequence[TrainableSpec] = (),
+        policy: FreezePolicy | None = None,
+        bn: ModePolicy | None = None,
+        dropout: ModePolicy | None = None,
+        trainable: Sequence[TrainableSpec] | None = None,
     ) -> None:
         self.schedule = check_schedule(schedule)
-        self.policy = FreezePolicy(bn=bn, dropout=dropout, trainable=trainable)
+        self.policy = _policy(policy, bn, dropout, trainable)
+        self.modules = None if modules is None else parse_stages(modules, "modules")
+        stages = num_stages(self.schedule)
+        if self.modules is not None and stages not in (None, 1, len(self.modules)):
+            raise ValueError(
+                f"modules must have one entry per stage of the schedule ({stages}), "
+                f"got {len(self.modules)}"
+            )
 
     def __repr__(self) -> str:
-        p = self.policy
         return (
-            f"FrozenStageGuard({self.schedule!r}, bn={p.bn!r}, dropout={p.dropout!r}, "
-            f"trainable={list(p.trainable)!r})"
+            f"FrozenStageGuard({self.schedule!r}, modules={self.modules!r}, policy={self.policy})"
         )
 
-    def decide(self, tick: int, num_modules: int = 1) -> tuple[bool, ...]:
-        """The decision per module at ``tick`` (``True`` = frozen), touching nothing.
+    def decide(self, tick: int, stages: int = 1) -> tuple[bool, ...]:
+        """The decision per stage at ``tick`` (``True`` = frozen), touching nothing.
 
         Examples:
             >>> from freezesched import Layerwise
-            >>> FrozenStageGuard(Layerwise.gradual_unfreeze(3)).decide(1, num_modules=3)
+            >>> FrozenStageGuard(Layerwise.gradual_unfreeze(3)).decide(1, stages=3)
             (True, False, False)
         """
-        return decide(self.schedule, tick, num_modules)
+        return evaluate(self.schedule, tick, stages)
 
-    def __call__(self, modules: nn.Module | Sequence[nn.Module], tick: int) -> FrozenRegion:
-        """A region freezing ``modules`` as the schedule decides at ``tick``.
+    def __call__(self, target: TargetSpec, tick: int) -> FrozenRegion:
+        """A region freezing ``target`` as the schedule decides at ``tick``.
 
         Args:
-            modules: One module, or one module per stage for a per-stage schedule (a
-                binary schedule applies the same decision to every module given).
-            tick: The current epoch or iteration, an ``int >= 0``.
+            target: The model the guard's ``modules`` names are looked up in; or, for a
+                guard built without ``modules``, what to freeze: a module, or one entry per
+                stage (a module or a list of modules frozen together).
+            tick: The current epoch or iteration, an int in ``[0, 2**53 - 1]``.
 
         Raises:
-            TypeError: ``modules`` is not a module or a sequence of modules, or ``tick``
-                is not an int.
-            ValueError: ``tick`` is negative or the module count does not fit the schedule.
+            TypeError: ``target`` or ``tick`` has the wrong type.
+            ValueError: ``tick`` is out of range, a name is unknown, a module is given
+                twice, or the number of stages does not fit the schedule.
         """
-        mods = as_modules(modules)
-        return FrozenRegion(mods, decide(self.schedule, tick, len(mods)), self.policy)
+        if self.modules is not None:
+            if not isinstance(target, nn.Module):
+                raise TypeError(
+                    "this guard was built with modules= names, so guard(model, tick) takes "
+                    f"the model they are looked up in, got {type(target).__name__}"
+                )
+            stages = resolve_stages(self.modules, target)
+        else:
+            stages = resolve_stages(parse_stages(target, "target"), None, "target")
+        return FrozenRegion(stages, evaluate(self.schedule, tick, len(stages)), self.policy)
+
+
+def freeze(
+    target: TargetSpec,
+    modules: TargetSpec | None = None,
+    *,
+    policy: FreezePolicy | None = None,
+    bn: ModePolicy | None = None,
+    dropout: ModePolicy | None = None,
+    trainable: Sequence[TrainableSpec] | None = None,
+) -> FrozenRegion:
+    """Freeze now, for the ``with`` block: the guard without a schedule.
+
+    Same guarantees as :class:`FrozenStageGuard` (which is "freeze when the schedule
+    says"). Use it for a phase of training, a calibration pass, or around building a
+    ``DistributedDataParallel`` so that it leaves the frozen part out of its buckets.
+
+    Args:
+        target: What to freeze (a module, or several, or groups); or, with ``modules``,
+            the model those names are looked up in.
+        modules: Dotted names of the submodules to freeze.
+        policy: How to freeze; the keyword shortcuts replace its fields.
+        bn: BatchNorm policy while frozen.
+        dropout: Dropout policy while frozen.
+        trainable: Exceptions that stay trainable.
+
+    Raises:
+        TypeError, ValueError: as for :class:`FrozenStageGuard`.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> with freeze(model, ["0"]):
+        ...     model[0].weight.requires_grad, model[1].weight.requires_grad
+        (False, True)
+    """
+    if modules is not None:
+        if not isinstance(target, nn.Module):
+            raise TypeError(
+                f"with modules= names, target must be the model they are looked up in, "
+                f"got {type(target).__name__}"
+            )
+        stages = resolve_stages(parse_stages(modules, "modules"), target)
+    else:
+        stages = resolve_stages(parse_stages(target, "target"), None, "target")
+    return FrozenRegion(stages, (True,) * len(stages), _policy(policy, bn, dropout, trainable))

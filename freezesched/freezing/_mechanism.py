@@ -1,119 +1,167 @@
-"""The one mechanism that freezes a module and undoes it exactly.
+"""The one mechanism that freezes modules and undoes it exactly.
 
-Freezing a module ``m`` means, until the hold is released:
+Freezing a module ``m`` means, while the hold lasts:
 
-* every parameter of ``m`` (except named trainable exceptions) has
-  ``requires_grad=False`` and ``.grad is None``, so no optimizer step can move it;
-* ``m``'s forward runs under :func:`torch.no_grad` whenever nothing flowing into it
-  (inputs, or parameters still trainable inside it) requires grad, so no activations
-  are kept for backward; otherwise autograd runs normally and computes input
-  gradients only;
-* BatchNorm-like and dropout layers follow a mode policy (``"eval"`` runs each forward
-  of theirs in eval mode, whatever ``model.train()``, ``model.eval()`` or a framework
-  restoring ``.training`` flags does meanwhile; ``"train"`` leaves them alone).
+* every parameter of ``m`` (except named trainable exceptions) has ``requires_grad=False``
+  and ``.grad is None``, so no optimizer that skips gradient-less parameters can move it.
+  Autograd then keeps nothing for ``m``'s weights, and if nothing flowing into ``m``
+  requires grad, nothing at all: no ``no_grad`` switch is needed, so tensors that reach
+  the forward another way (``torch.func.functional_call``, an adapter attached by a hook,
+  a captured tensor) still get exactly their gradients;
+* layers whose forward would change a buffer or draw dropout noise run each forward call
+  in eval mode (BatchNorm and dropout per the policy; spectral norm and other buffer
+  owners always; quantization observers are switched off), and every buffer of a frozen
+  module is checked unchanged after each of its forward calls: an update freezesched
+  cannot prevent is an error, never a drift.
 
-Holds are reference-counted per parameter and per module, so overlapping freezes
-(``backbone`` and ``backbone.layer1``, or two guards) combine as a union: an object is
-frozen while at least one hold is active, and returns to exactly the state it had
-before the first hold when the last one is released, in whatever order they end.
+Nothing is stored on the modules. Per-call behaviour comes from one pair of
+process-global forward hooks that torch calls for every module while at least one hold
+is active, and that look the module up in a registry keyed by weak reference; replicas
+made by ``nn.DataParallel`` are recognised through the hook dictionary they share with
+the module they copy. So copies, pickles, ``torch.jit.script``, ``torch.export`` and
+``inspect`` see plain modules, and a model is freed as soon as its last reference goes.
+TorchScript submodules, which run without Python hooks, are put in eval mode for the
+whole hold instead, and their buffers are checked when it ends.
+
+Holds are per (object, hold), so overlapping freezes (``backbone`` and
+``backbone.layer1``, two guards, two threads) combine as a union: an object is frozen
+while at least one hold is active and returns to exactly the state it had before the
+first one when the last ends, in whatever order they end. Every registry change happens
+under one lock; acquiring is all-or-nothing; releasing always completes (each step is
+idempotent, so a step cut short by an exception is redone) before any error is raised;
+and a Ctrl-C arriving meanwhile is delivered once the model is consistent again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
+import itertools
+import signal
+import sys
+import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.parameter import is_lazy
 
-from freezesched.schedules._base import _describe
+from freezesched._validation import describe
+from freezesched.freezing._distributed import check_ddp_call
+from freezesched.freezing._policy import FreezePolicy
 
-__all__ = ["FreezePolicy", "ModePolicy", "TrainableSpec"]
+__all__ = [
+    "Hold",
+    "Plan",
+    "critical",
+    "deliver_interrupt",
+    "interrupt_pending",
+    "is_frozen",
+    "is_main_thread",
+    "plan_freeze",
+]
 
-ModePolicy = Literal["eval", "train"]
-TrainableSpec = str | type[nn.Module]
+# --- what a module is ------------------------------------------------------------------
 
-_MODE_POLICIES = ("eval", "train")
+EVAL = 1  # runs each forward call in eval mode
+CHECK = 2  # its buffers are checked unchanged after each forward call
+OBSERVER = 4  # a fake-quantize module: its observer is off during each call
+RESTORE = 8  # an observer: its buffers are put back after each call
+ENTRY = 16  # a TorchScript module called from Python: re-pin its scripted parts per call
 
-
-@dataclass(frozen=True)
-class FreezePolicy:
-    """How a frozen module behaves; shared by the guard and the controller.
-
-    Args:
-        bn: ``"eval"`` (default) pins BatchNorm/InstanceNorm layers of a frozen module to
-            eval mode, so their running statistics (buffers) stay bitwise unchanged even
-            if ``model.train()`` is called while frozen; ``"train"`` leaves their mode
-            alone, so running statistics keep updating in training mode.
-        dropout: ``"eval"`` (default) pins ``nn.Dropout*`` layers of a frozen module to
-            eval mode (a frozen module is a deterministic feature extractor);
-            ``"train"`` leaves their mode alone (frozen features with dropout noise).
-            Functional dropout inside other modules (e.g. ``nn.MultiheadAttention``)
-            follows that module's own mode.
-        trainable: Exceptions that stay trainable inside a frozen module: glob patterns
-            (:func:`fnmatch.fnmatchcase`, ``*`` also matches dots) on qualified names
-            relative to the frozen module, and module types. A pattern matching a
-            submodule's name, or a type matching it, exempts that whole submodule
-            (parameters and mode); a pattern matching a parameter's name exempts that
-            parameter. Exempt parameters keep their own ``requires_grad``.
-
-    Raises:
-        ValueError: ``bn`` or ``dropout`` is not ``"eval"`` or ``"train"``.
-        TypeError: an entry of ``trainable`` is neither a string nor a module type.
-
-    Examples:
-        >>> FreezePolicy(bn="train", trainable=("*adapter*", nn.LayerNorm)).bn
-        'train'
-    """
-
-    bn: ModePolicy = "eval"
-    dropout: ModePolicy = "eval"
-    trainable: Sequence[TrainableSpec] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("bn", "dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in _MODE_POLICIES:
-                raise ValueError(f"{name} must be 'eval' or 'train', got {_describe(value)}")
-        given: object = self.trainable
-        if isinstance(given, str | type) or not isinstance(given, Iterable):
-            raise TypeError(
-                "trainable must be a sequence of name patterns and module types, "
-                f"got {_describe(given)}"
-            )
-        specs = tuple(given)
-        for i, spec in enumerate(specs):
-            if isinstance(spec, str):
-                continue
-            if not (isinstance(spec, type) and issubclass(spec, nn.Module)):
-                raise TypeError(
-                    f"trainable[{i}] must be a name pattern (str) or an nn.Module subclass, "
-                    f"got {_describe(spec)}"
-                )
-        object.__setattr__(self, "trainable", specs)
+#: Dropout-like layers outside ``torch.nn`` (torchvision, timm), recognised by class name.
+_DROPOUT_NAMES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock"})
 
 
-# ---------------------------------------------------------------------------------------
-# Planning: read-only; decides what a hold will touch and validates before any mutation.
+def _all_subclasses(cls: type) -> set[type]:
+    out: set[type] = set()
+    subclasses: list[type] = cls.__subclasses__()
+    for sub in subclasses:
+        out |= {sub, *_all_subclasses(sub)}
+    return out
+
+
+def _script_name(module: nn.Module) -> str | None:
+    name = getattr(module, "original_name", None) if _is_scripted(module) else None
+    return name if isinstance(name, str) else None
+
+
+def _is_scripted(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, _NormBase):
+        return True
+    name = _script_name(module)
+    return name is not None and name in {c.__name__ for c in _all_subclasses(_NormBase)}
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    if isinstance(module, _DropoutNd) or type(module).__name__ in _DROPOUT_NAMES:
+        return True
+    name = _script_name(module)
+    return name is not None and (
+        name in _DROPOUT_NAMES or name in {c.__name__ for c in _all_subclasses(_DropoutNd)}
+    )
+
+
+def _quant_kind(module: nn.Module) -> int:
+    """``OBSERVER`` for a fake-quantize module, ``RESTORE`` for an observer, else 0."""
+    fake = sys.modules.get("torch.ao.quantization.fake_quantize")
+    if fake is not None and isinstance(module, fake.FakeQuantizeBase):
+        return OBSERVER
+    observer = sys.modules.get("torch.ao.quantization.observer")
+    if observer is not None and isinstance(module, observer.ObserverBase):
+        return RESTORE
+    return 0
+
+
+def _has_buffers(module: nn.Module) -> bool:
+    return any(b is not None for _, b in module._buffers.items())
+
+
+def _get(entries: Any, key: str) -> Any:
+    """``entries.get(key)`` that also works on TorchScript modules' attribute wrappers."""
+    return entries[key] if key in entries else None  # noqa: SIM401 - wrappers have no .get
+
+
+# --- planning: read-only; validates everything before any change ------------------------
 
 
 @dataclass
-class _Plan:
+class Plan:
+    """What freezing one module under one policy touches; made without touching it.
+
+    Attributes:
+        module: The frozen module.
+        params: The parameters to freeze (trainable exceptions excluded).
+        watch: ``(submodule, kinds, name)`` for every submodule with per-call behaviour.
+        scripted: TorchScript submodules put in eval mode for the whole hold.
+        slots: ``(owner, attribute, parameter)`` for every place a frozen parameter lives,
+            so that one replaced inside the hold is restored too.
+        matched: Indices of ``policy.trainable`` entries that matched something.
+        names: Qualified name of every submodule (relative to ``module``), by identity.
+    """
+
     module: nn.Module
-    params: list[nn.Parameter]  # to freeze
-    pinned: list[nn.Module]
-    matched: set[int]  # indices into policy.trainable that matched something
-    every_param: list[nn.Parameter]  # all of the module's, trainable exceptions included
+    params: list[nn.Parameter]
+    watch: list[tuple[nn.Module, int, str]]
+    scripted: list[tuple[nn.Module, str]]
+    slots: list[tuple[nn.Module, str, nn.Parameter]]
+    matched: set[int]
+    names: dict[int, str] = field(repr=False)
 
 
-def _matches(name: str, module: nn.Module | None, specs: Sequence[TrainableSpec]) -> set[int]:
+def _matches(name: str, module: nn.Module | None, specs: Sequence[Any]) -> set[int]:
     hits = set()
     for i, spec in enumerate(specs):
         if isinstance(spec, str):
@@ -124,70 +172,124 @@ def _matches(name: str, module: nn.Module | None, specs: Sequence[TrainableSpec]
     return hits
 
 
-def _walk(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """``named_modules(remove_duplicate=False)`` in the same order, without recursion.
+def _walk(module: nn.Module) -> Iterable[tuple[str, nn.Module, nn.Module | None]]:
+    """``(name, submodule, parent)`` in ``named_modules(remove_duplicate=False)`` order.
 
-    Planning runs on every guarded step; nested generators made it the guard's main cost.
+    Iterative: planning runs on every guarded step, and nested generators made it the
+    guard's main cost.
     """
-    stack: list[tuple[str, nn.Module]] = [("", module)]
+    stack: list[tuple[str, nn.Module, nn.Module | None]] = [("", module, None)]
     while stack:
-        name, sub = stack.pop()
-        yield name, sub
+        name, sub, parent = stack.pop()
+        yield name, sub, parent
         children = [
-            (f"{name}.{k}" if name else k, m) for k, m in sub._modules.items() if m is not None
+            (f"{name}.{k}" if name else k, m, sub) for k, m in sub._modules.items() if m is not None
         ]
         stack.extend(reversed(children))
 
 
-def plan_freeze(module: nn.Module, policy: FreezePolicy) -> _Plan:
-    """Work out what freezing ``module`` under ``policy`` touches, without touching it."""
+def _label(name: str) -> str:
+    return repr(name) if name else "(the frozen module itself)"
+
+
+def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
+    """Work out what freezing ``module`` under ``policy`` touches, without touching it.
+
+    Raises:
+        ValueError: a parameter is an uninitialized lazy parameter, or a submodule or
+            parameter reachable under two names is a trainable exception under one and
+            frozen under the other.
+    """
     specs = policy.trainable
     matched: set[int] = set()
     exempt_prefixes: list[str] = []
-    pinned: list[nn.Module] = []
-    pinned_ids: set[int] = set()
-    exempt_ids: set[int] = set()
-    seen: dict[int, nn.Parameter] = {}
-    # One traversal, aliases included (a shared submodule or tied parameter is seen under
-    # each of its names, so a pattern may match any of them).
-    for name, sub in _walk(module):
+    module_status: dict[int, tuple[bool, str]] = {}
+    param_status: dict[int, tuple[bool, str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+    watch: list[tuple[nn.Module, int, str]] = []
+    scripted: list[tuple[nn.Module, str]] = []
+    names: dict[int, str] = {}
+    for name, sub, parent in _walk(module):
         hits = _matches(name, sub, specs) if specs else set()
         matched |= hits  # count matches inside exempt subtrees too
         under = bool(exempt_prefixes) and any(
             name == p or name.startswith(p + ".") for p in exempt_prefixes
         )
-        exempt_sub = under or bool(hits)
+        exempt = under or bool(hits)
         if hits and not under:
             exempt_prefixes.append(name)
-        if (
-            not exempt_sub
-            and (
-                (policy.bn == "eval" and isinstance(sub, _NormBase))
-                or (policy.dropout == "eval" and isinstance(sub, _DropoutNd))
-            )
-            and id(sub) not in pinned_ids
-        ):
-            pinned_ids.add(id(sub))
-            pinned.append(sub)
+        seen = module_status.get(id(sub))
+        if seen is not None:
+            if seen[0] != exempt:
+                trainable, frozen = (seen[1], name) if seen[0] else (name, seen[1])
+                raise ValueError(
+                    f"a submodule reachable under two names must be frozen or trainable "
+                    f"under both; {type(sub).__name__} is a trainable exception as "
+                    f"{_label(trainable)} but frozen as {_label(frozen)}. Make trainable= "
+                    "match both names, or neither"
+                )
+            continue  # an alias: everything below was planned under its first name
+        module_status[id(sub)] = (exempt, name)
+        names[id(sub)] = name
         for pname, param in sub._parameters.items():
             if param is None:
                 continue
-            seen.setdefault(id(param), param)
-            phits = _matches(f"{name}.{pname}" if name else pname, None, specs) if specs else set()
+            qualified = f"{name}.{pname}" if name else pname
+            phits = _matches(qualified, None, specs) if specs else set()
             matched |= phits
-            if phits or exempt_sub:
-                exempt_ids.add(id(param))
-    params = [p for key, p in seen.items() if key not in exempt_ids]
-    return _Plan(
+            p_exempt = exempt or bool(phits)
+            pseen = param_status.get(id(param))
+            if pseen is not None and pseen[0] != p_exempt:
+                trainable, frozen = (pseen[1], qualified) if pseen[0] else (qualified, pseen[1])
+                raise ValueError(
+                    "a parameter reachable under two names (tied weights) must be frozen or "
+                    f"trainable under both; it is a trainable exception as {trainable!r} but "
+                    f"frozen as {frozen!r}. Make trainable= match both names, or neither"
+                )
+            param_status[id(param)] = (p_exempt, qualified)
+            if p_exempt:
+                continue
+            if is_lazy(param):
+                raise ValueError(
+                    f"{qualified!r} of {type(module).__name__} is an uninitialized lazy "
+                    "parameter; run one forward with a real batch (a dry run) before "
+                    "freezing, so that it has a shape"
+                )
+            params.setdefault(id(param), param)
+            slots.append((sub, pname, param))
+        if exempt:
+            continue
+        kinds = 0
+        if _is_norm(sub):
+            kinds = EVAL | CHECK if policy.bn == "eval" else 0
+        elif _is_dropout(sub):
+            kinds = EVAL if policy.dropout == "eval" else 0
+        else:
+            quant = _quant_kind(sub)
+            if quant:
+                kinds = quant | CHECK if quant == OBSERVER else quant
+            elif _has_buffers(sub):
+                kinds = EVAL | CHECK
+        if _is_scripted(sub):
+            if parent is None or not _is_scripted(parent):
+                watch.append((sub, ENTRY, name))
+            if kinds & EVAL:
+                scripted.append((sub, name))
+        elif kinds:
+            watch.append((sub, kinds, name))
+    return Plan(
         module=module,
-        params=params,
-        pinned=pinned,
+        params=list(params.values()),
+        watch=watch,
+        scripted=scripted,
+        slots=slots,
         matched=matched,
-        every_param=list(seen.values()),
+        names=names,
     )
 
 
-def check_patterns_matched(policy: FreezePolicy, plans: Iterable[_Plan], where: str) -> None:
+def check_patterns_matched(policy: FreezePolicy, plans: Iterable[Plan], where: str) -> None:
     """Raise if an entry of ``policy.trainable`` matched nothing in any planned module."""
     matched: set[int] = set()
     for plan in plans:
@@ -200,31 +302,109 @@ def check_patterns_matched(policy: FreezePolicy, plans: Iterable[_Plan], where: 
         )
 
 
-# ---------------------------------------------------------------------------------------
-# The ledger: reference-counted holds on parameters and modules.
+# --- the registry ------------------------------------------------------------------------
+
+_LOCK = threading.RLock()
+_HOLD_IDS = itertools.count(1)
 
 
-@dataclass
-class _ParamHold:
-    param: nn.Parameter
-    requires_grad: bool
-    count: int = 0
+class _ParamRecord:
+    __slots__ = ("holders", "ref", "requires_grad")
+
+    def __init__(self, ref: weakref.ref[nn.Parameter], requires_grad: bool) -> None:
+        self.ref = ref
+        self.requires_grad = requires_grad
+        self.holders: set[int] = set()
 
 
-@dataclass
-class _ModuleHold:
-    module: nn.Module
-    own_forward: Any  # an instance attribute `forward` that existed before, or _MISSING
-    wrapper: _FrozenForward
-    grad: int = 0  # holds as a frozen module: no graph when nothing needs one
-    eval: int = 0  # holds as a pinned BatchNorm/dropout layer: eval mode per call
+class _Watch:
+    __slots__ = ("holders", "hooks_key", "kinds", "name", "ref", "scripted")
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.ref: weakref.ref[nn.Module] = weakref.ref(module, _forget_watch(id(module)))
+        hooks = module.__dict__.get("_forward_hooks")
+        self.hooks_key = id(hooks) if hooks is not None else None
+        self.name = name
+        self.holders: dict[int, int] = {}
+        self.kinds = 0
+        self.scripted: dict[int, list[tuple[weakref.ref[nn.Module], str]]] = {}
+
+    def update(self) -> None:
+        kinds = 0
+        for k in self.holders.values():
+            kinds |= k
+        self.kinds = kinds
 
 
-_MISSING = object()
-_PARAMS: dict[int, _ParamHold] = {}
-_MODULES: dict[int, _ModuleHold] = {}
-#: Instance attribute caching a module's wrapper between holds (see _FrozenForward).
-_CACHE_ATTR = "_freezesched_forward"
+class _Static:
+    __slots__ = ("holders", "ref", "training", "versions")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.ref: weakref.ref[nn.Module] = weakref.ref(module)
+        self.training = module.training
+        self.versions = _versions(module)
+        self.holders: set[int] = set()
+
+
+class _Call:
+    __slots__ = ("depth", "module", "observer", "snapshot", "training", "versions")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.depth = 0
+        self.training: bool | None = None
+        self.observer: int | None = None
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.versions: dict[str, tuple[torch.Tensor, int]] | None = None
+
+
+_PARAMS: dict[int, _ParamRecord] = {}
+_WATCH: dict[int, _Watch] = {}
+_BY_HOOKS: dict[int, _Watch] = {}  # id(module._forward_hooks) -> watch, for replicas
+_STATIC: dict[int, _Static] = {}
+_CALLS: dict[int, _Call] = {}
+_THREADS = threading.local()
+
+
+def _forget_param(key: int) -> Callable[[object], None]:
+    def forget(_: object) -> None:
+        with _LOCK:
+            record = _PARAMS.get(key)
+            if record is not None and record.ref() is None:
+                del _PARAMS[key]
+                _sync_hooks()
+
+    return forget
+
+
+def _forget_watch(key: int) -> Callable[[object], None]:
+    def forget(_: object) -> None:
+        with _LOCK:
+            entry = _WATCH.get(key)
+            if entry is not None and entry.ref() is None:
+                del _WATCH[key]
+                if entry.hooks_key is not None and _BY_HOOKS.get(entry.hooks_key) is entry:
+                    del _BY_HOOKS[entry.hooks_key]
+                _sync_hooks()
+
+    return forget
+
+
+def _versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    return {k: (b, b._version) for k, b in module._buffers.items() if b is not None}
+
+
+def _changed(module: nn.Module, before: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
+    now = {k: b for k, b in module._buffers.items() if b is not None}
+    out = [k for k, (b, v) in before.items() if now.get(k) is not b or b._version != v]
+    return out + sorted(set(now) - set(before))
+
+
+def _set_training(module: nn.Module, mode: bool) -> None:
+    if "training" in module.__dict__:
+        module.__dict__["training"] = mode  # plain modules: no __setattr__ machinery
+    else:
+        module.training = mode  # TorchScript modules keep it in C++
 
 
 def is_frozen(obj: torch.Tensor | nn.Module) -> bool:
@@ -237,234 +417,449 @@ def is_frozen(obj: torch.Tensor | nn.Module) -> bool:
         TypeError: ``obj`` is neither a tensor nor a module.
 
     Examples:
-        >>> from freezesched import FrozenStageGuard, Constant
+        >>> from freezesched import freeze
         >>> layer = nn.Linear(2, 2)
-        >>> with FrozenStageGuard(Constant(True))(layer, 0):
+        >>> with freeze(layer):
         ...     is_frozen(layer.weight), is_frozen(layer)
         (True, True)
         >>> is_frozen(layer.weight), is_frozen(layer)
         (False, False)
     """
+
+    def held(p: torch.Tensor) -> bool:
+        record = _PARAMS.get(id(p))
+        return record is not None and record.ref() is p and bool(record.holders)
+
     if isinstance(obj, nn.Module):
         params = list(obj.parameters())
-        return bool(params) and all(id(p) in _PARAMS for p in params)
+        return bool(params) and all(held(p) for p in params)
     if isinstance(obj, torch.Tensor):
-        return id(obj) in _PARAMS
-    raise TypeError(f"obj must be a parameter or an nn.Module, got {_describe(obj)}")
+        return held(obj)
+    raise TypeError(f"obj must be a parameter or an nn.Module, got {describe(obj)}")
 
 
-def _hold_param(param: nn.Parameter) -> None:
-    hold = _PARAMS.get(id(param))
-    if hold is None:
-        hold = _PARAMS[id(param)] = _ParamHold(param, param.requires_grad)
-    hold.count += 1
-    param.requires_grad_(False)
-    # A stale (even all-zero) .grad would let weight decay and momentum move the weight.
-    param.grad = None
+# --- the global forward hooks -------------------------------------------------------------
+
+#: Our slot in torch's global forward-hook dictionaries: always the same key and the same
+#: functions, so that torch.compile's guards see the same hooks every time a freeze starts
+#: and reuse the graphs they compiled for it instead of recompiling.
+_HOOK_KEY = -0x46_53_5A  # "FSZ"
+_COMPILE_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 
 
-def _release_param(param: nn.Parameter) -> bool:
-    """Drop one hold; return True if the parameter is free again."""
-    hold = _PARAMS[id(param)]
-    hold.count -= 1
-    if hold.count:
-        return False
-    del _PARAMS[id(param)]
-    param.requires_grad_(hold.requires_grad)
-    return True
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
 
 
-class _ClassMethodCall:
-    """Calls ``type(module).<name>(module, ...)``: what a copy of a pinned attribute becomes.
-
-    A module deep-copied or pickled while frozen must not carry freezesched's instance
-    attributes along: they point at the *original* module. Copies get this transparent
-    stand-in instead, which behaves exactly like the class's own method on the copy.
-    """
-
-    def __init__(self, module: nn.Module, name: str) -> None:
-        self.module = module
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
-
-    def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
-        return (_ClassMethodCall, (self.module, self.name))
+def _lookup(module: nn.Module) -> _Watch | None:
+    entry = _WATCH.get(id(module))
+    if entry is not None:
+        return entry if entry.ref() is module else None
+    if _BY_HOOKS and module.__dict__.get("_is_replica", False):
+        entry = _BY_HOOKS.get(id(module.__dict__.get("_forward_hooks")))
+        original = entry.ref() if entry is not None else None
+        if original is not None and original._forward_hooks is module._forward_hooks:
+            return entry
+    return None
 
 
-_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+def _open_calls() -> list[int]:
+    calls: list[int] | None = getattr(_THREADS, "calls", None)
+    if calls is None:
+        calls = _THREADS.calls = []
+    return calls
 
 
-def _may_require_grad(obj: object) -> bool:
-    """Whether ``obj`` holds a tensor that requires grad; unknown objects count as yes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.requires_grad
-    if isinstance(obj, _PLAIN):
-        return False
-    if isinstance(obj, list | tuple):
-        return any(_may_require_grad(x) for x in obj)
-    if isinstance(obj, Mapping):
-        return any(_may_require_grad(x) for x in obj.values())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return any(_may_require_grad(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    # Something we cannot look into may carry a tensor that needs a graph: keep autograd on
-    # (correct, only less memory-efficient) rather than silently cutting gradients.
-    return True
-
-
-class _FrozenForward:
-    """Shadows ``module.forward`` while the module is held; one object per module.
-
-    As a frozen module (``no_grad``), the forward runs under :func:`torch.no_grad` when
-    nothing flowing in needs grad. As a pinned BatchNorm/dropout layer (``eval``), each
-    call runs with ``training=False`` and puts the flag back afterwards (also when the
-    forward raises): ``module.training`` keeps meaning what was last asked for, by
-    ``train()``/``eval()`` or by assignment (Lightning restores modes that way after
-    validation), so nothing needs restoring when the hold ends.
-
-    The object is cached on the module and reused by every later hold, so that
-    ``torch.compile`` sees the same ``forward`` each time a module is frozen again and
-    reuses the graph it compiled for that state instead of recompiling.
-    """
-
-    def __init__(self, module: nn.Module, own: Any) -> None:
-        self.module = module
-        self.own = own  # the instance `forward` it shadows, or _MISSING for the class's
-        self.params = list(module.parameters())
-        self.no_grad = False
-        self.eval = False
-
-    def _inner(self, *args: Any, **kwargs: Any) -> Any:
-        if self.own is _MISSING:
-            return type(self.module).forward(self.module, *args, **kwargs)
-        return self.own(*args, **kwargs)
-
-    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if (
-            self.no_grad
-            and torch.is_grad_enabled()
-            and not (
-                any(p.requires_grad for p in self.params)
-                or _may_require_grad(args)
-                or _may_require_grad(kwargs)
-            )
-        ):
-            with torch.no_grad():
-                return self._inner(*args, **kwargs)
-        return self._inner(*args, **kwargs)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.eval:
-            return self._run(args, kwargs)
-        module = self.module
-        flag = module.training
-        module.training = False
-        try:
-            return self._run(args, kwargs)
-        finally:
-            module.training = flag
-
-    def __reduce__(self) -> tuple[type, tuple[nn.Module, str]]:
-        return (_ClassMethodCall, (self.module, "forward"))
-
-
-def _hold_module(
-    module: nn.Module, *, as_eval: bool, params: list[nn.Parameter] | None = None
-) -> None:
-    hold = _MODULES.get(id(module))
-    if hold is None:
-        own = module.__dict__.get("forward", _MISSING)
-        wrapper = module.__dict__.get(_CACHE_ATTR)
-        if not (
-            isinstance(wrapper, _FrozenForward) and wrapper.module is module and wrapper.own is own
-        ):
-            wrapper = _FrozenForward(module, own)
-            module.__dict__[_CACHE_ATTR] = wrapper
-        hold = _MODULES[id(module)] = _ModuleHold(module, own, wrapper)
-        module.__dict__["forward"] = wrapper
-    if as_eval:
-        hold.eval += 1
-    else:
-        if not hold.grad:  # the parameters the no-grad test looks at, if they changed
-            params = list(module.parameters()) if params is None else params
-            if len(params) != len(hold.wrapper.params) or any(
-                a is not b for a, b in zip(params, hold.wrapper.params, strict=True)
-            ):
-                hold.wrapper.params = params
-        hold.grad += 1
-    hold.wrapper.eval, hold.wrapper.no_grad = hold.eval > 0, hold.grad > 0
-
-
-def _release_module(module: nn.Module, *, as_eval: bool) -> None:
-    hold = _MODULES[id(module)]
-    if as_eval:
-        hold.eval -= 1
-    else:
-        hold.grad -= 1
-    hold.wrapper.eval, hold.wrapper.no_grad = hold.eval > 0, hold.grad > 0
-    if hold.eval or hold.grad:
+def _pre_hook(module: nn.Module, args: Any) -> None:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        check_ddp_call(module, is_frozen)
+    if _compiling():  # traced once per freeze state: only the mode matters in a graph
+        traced = _WATCH.get(id(module))
+        if traced is not None and traced.kinds & EVAL:
+            module.__dict__["_freezesched_mode"] = module.training
+            module.training = False
         return
-    del _MODULES[id(module)]
-    if module.__dict__.get("forward") is not hold.wrapper:
-        warnings.warn(
-            f"{type(module).__name__}.forward was replaced while the module was frozen; "
-            "freezesched leaves the replacement in place",
-            RuntimeWarning,
-            stacklevel=3,
+    entry = _lookup(module)
+    if entry is None:
+        return
+    with _LOCK:
+        call = _CALLS.get(id(module))
+        if call is None:
+            call = _Call(module)
+            kinds = entry.kinds
+            if kinds & EVAL:
+                call.training = module.training
+                _set_training(module, False)
+            if kinds & OBSERVER:
+                enabled: torch.Tensor = module.observer_enabled  # type: ignore[assignment]
+                call.observer = int(enabled[0])
+                enabled[0] = 0
+            if kinds & RESTORE:
+                call.snapshot = {k: b.clone() for k, b in module._buffers.items() if b is not None}
+            if kinds & CHECK:
+                call.versions = _versions(module)
+            if kinds & ENTRY:
+                for pins in entry.scripted.values():
+                    for ref, _ in pins:
+                        inner = ref()
+                        if inner is not None and inner.training:
+                            _set_training(inner, False)
+            _CALLS[id(module)] = call
+        call.depth += 1
+        _open_calls().append(id(module))
+
+
+def _post_hook(module: nn.Module, args: Any, output: Any) -> None:
+    if _compiling():
+        if "_freezesched_mode" in module.__dict__:
+            module.training = module.__dict__.pop("_freezesched_mode")
+        return
+    if id(module) not in _CALLS:
+        return
+    changed = _close_call(id(module))
+    if changed:
+        entry = _lookup(module)
+        name = entry.name if entry is not None else "?"
+        raise RuntimeError(
+            f"{type(module).__name__} {_label(name)} of a frozen module changed its buffers "
+            f"{changed} during its forward. freezesched keeps the buffers of frozen modules "
+            "bitwise unchanged, and it does not know how to stop this module from updating "
+            "them. If it may update them while frozen, list it as a trainable exception "
+            f"(trainable=[{type(module).__name__}] or its name)"
         )
-        return
-    if hold.own_forward is _MISSING:
-        del module.__dict__["forward"]
-    else:
-        module.__dict__["forward"] = hold.own_forward
 
 
-class FreezeHandle:
-    """One active hold on a module; :meth:`release` undoes it (idempotent)."""
+def _close_call(key: int) -> list[str]:
+    """End one call on the module ``key``; return the buffers it changed (if checked)."""
+    with _LOCK:
+        call = _CALLS.get(key)
+        if call is None:
+            return []
+        calls = _open_calls()
+        for i in range(len(calls) - 1, -1, -1):
+            if calls[i] == key:
+                del calls[i]
+                break
+        call.depth -= 1
+        if call.depth > 0:
+            return []
+        del _CALLS[key]
+        module = call.module
+        changed = _changed(module, call.versions) if call.versions is not None else []
+        if call.snapshot is not None:
+            for k, saved in call.snapshot.items():
+                buffer = _get(module._buffers, k)
+                if buffer is not None:
+                    with torch.no_grad():
+                        buffer.copy_(saved)
+        if call.observer is not None:
+            enabled: torch.Tensor = module.observer_enabled  # type: ignore[assignment]
+            enabled[0] = call.observer
+        if call.training is not None:
+            _set_training(module, call.training)
+        _sync_hooks()
+        return changed
 
-    def __init__(self, plan: _Plan) -> None:
-        self.module = plan.module
-        self.params = tuple(plan.params)
-        self._pinned = tuple(plan.pinned)
-        self._every_param = plan.every_param
-        self._active = False
 
-    def _acquire(self) -> None:
-        # Holds cannot fail half-way for valid plans, but keep the ledger consistent anyway.
-        done: list[Callable[[], object]] = []
+def _sync_hooks() -> None:
+    """Install the global hooks while anything is held or a call is open; else remove them."""
+    pre = _torch_module._global_forward_pre_hooks
+    post = _torch_module._global_forward_hooks
+    always = _torch_module._global_forward_hooks_always_called
+    active = bool(_PARAMS or _WATCH or _CALLS)
+    _sync_interrupts(active)
+    if active:
+        if pre.get(_HOOK_KEY) is not _pre_hook:
+            pre[_HOOK_KEY] = _pre_hook
+            post[_HOOK_KEY] = _post_hook
+            always[_HOOK_KEY] = True
+            # torch.compile warns on every call of a compiled module while any global hook
+            # exists; ours does nothing for modules it does not watch.
+            warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
+    elif _HOOK_KEY in pre:
+        pre.pop(_HOOK_KEY, None)
+        post.pop(_HOOK_KEY, None)
+        always.pop(_HOOK_KEY, None)
+        kept = [f for f in warnings.filters if getattr(f[1], "pattern", None) != _COMPILE_WARNING]
+        if len(kept) != len(warnings.filters):
+            warnings.filters[:] = kept  # type: ignore[index]
+            mutated = getattr(warnings, "_filters_mutated", None)
+            if mutated is not None:
+                mutated()
+
+
+# --- holds ----------------------------------------------------------------------------
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------
+# A KeyboardInterrupt raised half-way through freezing or restoring would leave a model
+# half frozen. While anything is held, SIGINT goes (in the main thread) to a handler that
+# only records the signal while freezesched is changing holds (the main thread's
+# critical depth is above zero), and hands it on at once otherwise. Leaving the outermost
+# critical section delivers a recorded signal to the handler that was there before, once
+# the model is consistent. The depth is lowered as the last step before returning, with
+# no call in between, so no signal can fall into a gap (Python runs signal handlers only
+# at calls and loops).
+
+_DEPTH = [0]  # the main thread's critical depth
+_PENDING: list[tuple[int, FrameType | None]] = []
+_PREVIOUS: list[Any] = []  # the SIGINT handler ours replaced, while ours is installed
+#: Code of the public methods that enter or leave holds: a signal arriving in their first
+#: lines, before they raise the depth, must wait too.
+_CRITICAL_CODE: set[Any] = set()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def critical(func: _F) -> _F:
+    """Mark a method that enters or leaves holds (see the comment above); returns it."""
+    _CRITICAL_CODE.add(func.__code__)
+    return func
+
+
+def _in_critical(frame: Any) -> bool:
+    depth = 0
+    while frame is not None and depth < 8:
+        if frame.f_code in _CRITICAL_CODE:
+            return True
+        frame, depth = frame.f_back, depth + 1
+    return False
+
+
+def is_main_thread() -> int:
+    """1 in the main thread (where signals arrive), else 0: what to add to the depth.
+
+    A critical section is::
+
+        main, added = is_main_thread(), 0
         try:
-            for param in self.params:
-                _hold_param(param)
-                done.append(functools.partial(_release_param, param))
-            for sub in self._pinned:
-                _hold_module(sub, as_eval=True)
-                done.append(functools.partial(_release_module, sub, as_eval=True))
-            _hold_module(self.module, as_eval=False, params=self._every_param)
-        except BaseException:
-            for undo in reversed(done):
-                undo()
-            raise
-        self._active = True
+            _DEPTH[0], added = _DEPTH[0] + main, main  # one statement, no call
+            ...
+        finally:
+            _DEPTH[0] -= added
+    """
+    return int(threading.current_thread() is threading.main_thread())
 
-    @property
-    def active(self) -> bool:
-        """Whether this hold is still in force."""
-        return self._active
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    if _DEPTH[0] > 0 or _in_critical(frame):
+        _PENDING.append((signum, frame))
+        return
+    _call_previous(signum, frame)
+
+
+def _call_previous(signum: int, frame: FrameType | None) -> None:
+    previous = _PREVIOUS[0] if _PREVIOUS else signal.default_int_handler
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:  # SIG_DFL cannot be called: it is an interrupt
+        raise KeyboardInterrupt
+
+
+def _sync_interrupts(active: bool) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if active and not _PREVIOUS:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is None:  # installed from outside Python: leave it alone
+            return
+        _PREVIOUS.append(previous)
+        signal.signal(signal.SIGINT, _on_sigint)
+    elif not active and _PREVIOUS and not _PENDING:
+        previous = _PREVIOUS.pop()
+        if signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, previous)
+
+
+def interrupt_pending() -> bool:
+    """Whether a Ctrl-C is waiting for the current critical operation to finish."""
+    return bool(_PENDING)
+
+
+def deliver_interrupt() -> None:
+    """Outside every critical section: hand a recorded Ctrl-C to the previous handler."""
+    if not _PENDING or _DEPTH[0] > 0:
+        return
+    signum, frame = _PENDING[0]
+    _PENDING.clear()
+    try:
+        _call_previous(signum, frame)
+    finally:
+        _sync_interrupts(bool(_PARAMS or _WATCH or _CALLS))
+
+
+def _run_all(steps: Sequence[Callable[[], object]]) -> None:
+    """Run every step, each again if it raised (steps are idempotent); then raise.
+
+    The first error is raised once every step has run.
+    """
+    error: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as first:
+            error = error or first
+            try:
+                step()
+            except BaseException as second:
+                error = error or second
+    if error is not None:
+        raise error
+
+
+class Hold:
+    """One active hold: the changes of one :class:`Plan`, undone by :meth:`release`."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.key = next(_HOLD_IDS)
+        self.active = False
+
+    # Each step below is idempotent and keyed by this hold, so a step cut short by an
+    # exception can simply be run again, and undoing a step never touches another hold.
+
+    def _hold_param(self, param: nn.Parameter) -> None:
+        record = _PARAMS.get(id(param))
+        if record is None or record.ref() is not param:
+            record = _ParamRecord(weakref.ref(param, _forget_param(id(param))), param.requires_grad)
+            _PARAMS[id(param)] = record
+        record.holders.add(self.key)
+        param.requires_grad = False
+        # A stale (even all-zero) .grad would let weight decay and momentum move the weight.
+        param.grad = None
+
+    def _release_param(self, param: nn.Parameter) -> bool:
+        record = _PARAMS.get(id(param))
+        if record is None or record.ref() is not param:
+            return False
+        record.holders.discard(self.key)
+        if record.holders:
+            return False
+        param.requires_grad = record.requires_grad
+        del _PARAMS[id(param)]
+        return True
+
+    def _watch(self, module: nn.Module, kinds: int, name: str) -> None:
+        entry = _WATCH.get(id(module))
+        if entry is None or entry.ref() is not module:
+            entry = _Watch(module, name)
+            _WATCH[id(module)] = entry
+            if entry.hooks_key is not None:
+                _BY_HOOKS[entry.hooks_key] = entry
+        entry.holders[self.key] = kinds
+        if kinds & ENTRY:
+            entry.scripted[self.key] = [
+                (weakref.ref(m), n)
+                for m, n in self.plan.scripted
+                if m is module or n.startswith(f"{name}.") or not name
+            ]
+        entry.update()
+
+    def _unwatch(self, module: nn.Module) -> None:
+        entry = _WATCH.get(id(module))
+        if entry is None or entry.ref() is not module:
+            return
+        # A call this thread left open (a KeyboardInterrupt inside forward skips the
+        # post-hook) must not keep the module pinned.
+        if id(module) in _CALLS and id(module) in _open_calls():
+            while id(module) in _CALLS and id(module) in _open_calls():
+                _close_call(id(module))
+        entry.holders.pop(self.key, None)
+        entry.scripted.pop(self.key, None)
+        entry.update()
+        if not entry.holders:
+            del _WATCH[id(module)]
+            if entry.hooks_key is not None and _BY_HOOKS.get(entry.hooks_key) is entry:
+                del _BY_HOOKS[entry.hooks_key]
+
+    def _pin_static(self, module: nn.Module) -> None:
+        entry = _STATIC.get(id(module))
+        if entry is None or entry.ref() is not module:
+            entry = _STATIC[id(module)] = _Static(module)
+        entry.holders.add(self.key)
+        _set_training(module, False)
+
+    def _unpin_static(self, module: nn.Module, problems: list[str]) -> None:
+        entry = _STATIC.get(id(module))
+        if entry is None or entry.ref() is not module:
+            return
+        entry.holders.discard(self.key)
+        if entry.holders:
+            return
+        changed = _changed(module, entry.versions)
+        if changed:
+            problems.append(f"{_label(self.plan.names.get(id(module), '?'))}: {changed}")
+        _set_training(module, entry.training)
+        del _STATIC[id(module)]
+
+    def acquire(self) -> None:
+        """Apply the plan: all of it, or (if anything fails) none of it.
+
+        Call it inside a critical section (:func:`enter_critical`).
+        """
+        plan = self.plan
+        _sync_interrupts(True)  # from here on a Ctrl-C waits until the model is consistent
+        with _LOCK:
+            try:
+                self.active = True  # from the first change on, release() undoes it
+                for param in plan.params:
+                    self._hold_param(param)
+                for module, kinds, name in plan.watch:
+                    self._watch(module, kinds, name)
+                for module, _ in plan.scripted:
+                    self._pin_static(module)
+                _sync_hooks()
+            except BaseException:
+                self.release()
+                raise
 
     def release(self) -> list[nn.Parameter]:
-        """Undo this hold; return the parameters that became free (not held elsewhere)."""
-        if not self._active:
+        """Undo this hold (idempotent); return the parameters it was the last to hold.
+
+        Restoring always completes; an error met on the way (or a TorchScript buffer
+        found changed) is raised afterwards.
+        """
+        if not self.active:
             return []
-        self._active = False
-        _release_module(self.module, as_eval=False)
-        for sub in reversed(self._pinned):
-            _release_module(sub, as_eval=True)
-        return [p for p in reversed(self.params) if _release_param(p)]
+        plan = self.plan
+        freed: list[nn.Parameter] = []
+        problems: list[str] = []
 
+        def params() -> None:
+            for param in plan.params:
+                if self._release_param(param):
+                    freed.append(param)
 
-def freeze(plan: _Plan) -> FreezeHandle:
-    """Apply a plan made by :func:`plan_freeze`; the returned handle undoes it."""
-    handle = FreezeHandle(plan)
-    handle._acquire()
-    return handle
+        def slots() -> None:
+            # A parameter replaced inside the hold (``m.weight = Parameter(...)``,
+            # ``load_state_dict(assign=True)``) inherited requires_grad=False from the
+            # frozen one; it gets the flag the replaced one has again.
+            for owner, attr, original in plan.slots:
+                now = _get(owner._parameters, attr)
+                if now is None or now is original or now.requires_grad:
+                    continue
+                held = _PARAMS.get(id(now))
+                if held is not None and held.ref() is now:
+                    continue  # frozen by another hold, which restores it
+                if original.requires_grad:
+                    now.requires_grad = True
+
+        steps: list[Callable[[], object]] = [params, slots]
+        steps += [functools.partial(self._unwatch, m) for m, _, _ in plan.watch]
+        steps += [functools.partial(self._unpin_static, m, problems) for m, _ in plan.scripted]
+        steps.append(_sync_hooks)
+        with _LOCK:
+            _run_all(steps)
+            self.active = False
+        if problems:
+            raise RuntimeError(
+                "buffers of TorchScript modules changed while they were frozen: "
+                f"{'; '.join(problems)}. TorchScript runs submodules without Python hooks, "
+                "so freezesched puts them in eval mode for the whole region; a .train() call "
+                "on the scripted model inside the region switched them back. Call .train() "
+                "before entering the region, or freeze before scripting"
+            )
+        return freed

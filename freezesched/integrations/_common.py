@@ -1,4 +1,9 @@
-"""What every integration shares: ``module=`` / ``schedule=`` arguments and log names."""
+"""What every integration shares: its arguments, the controller it builds, log names.
+
+An integration only translates a framework's clock into ticks; everything it is told
+(``module=``, ``schedule=``, ``policy=`` and the policy's keyword shortcuts) is
+validated here, once, when the hook or callback is built.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from freezesched.freezing import FreezeController, OptimizerPolicy, ScheduleLike
-from freezesched.freezing._mechanism import FreezePolicy, ModePolicy, TrainableSpec
-from freezesched.freezing._targets import check_schedule
-from freezesched.schedules import schedule_from_config
-from freezesched.schedules._base import _describe
+from freezesched._validation import describe
+from freezesched.freezing import FreezeController, FreezePolicy, LRRamp, resolve_policy
+from freezesched.schedules import ScheduleLike, check_schedule, schedule_from_config
 
 __all__ = ["FreezeSpec", "ScheduleSpec", "log_name"]
 
@@ -21,11 +24,36 @@ __all__ = ["FreezeSpec", "ScheduleSpec", "log_name"]
 ScheduleSpec = ScheduleLike | Mapping[str, Any]
 
 
-def _keys(
-    module: str | Sequence[str],
+def _key(value: Any, where: str) -> Any:
+    """A name, or (from a config file's lists) one entry per stage: a name or a group."""
+    if isinstance(value, str):
+        return value
+    rule = (
+        f"{where} must be a dotted submodule name, or a list with one entry per stage (a "
+        "name, or a list of names frozen together)"
+    )
+    if not isinstance(value, list | tuple) or not value:
+        raise TypeError(f"{rule}; got {describe(value)}")
+    out: list[Any] = []
+    for entry in value:
+        if isinstance(entry, str):
+            out.append(entry)
+        elif (
+            isinstance(entry, list | tuple)
+            and entry
+            and all(isinstance(name, str) for name in entry)
+        ):
+            out.append(tuple(entry))
+        else:
+            raise TypeError(f"{rule}; got {describe(value)}")
+    return tuple(out)
+
+
+def _targets(
+    module: str | Sequence[Any],
     schedule: ScheduleSpec | None,
     schedules: Mapping[Any, ScheduleSpec] | None,
-) -> dict[str | tuple[str, ...], ScheduleSpec]:
+) -> dict[Any, ScheduleSpec]:
     if schedules is not None:
         if schedule is not None:
             raise TypeError(
@@ -33,18 +61,11 @@ def _keys(
                 f"schedule), not both; got schedule={schedule!r}"
             )
         if not isinstance(schedules, Mapping) or not schedules:
-            raise TypeError(f"schedules must be a non-empty mapping, got {_describe(schedules)}")
-        # A config file can only hold lists; a list key names one module per stage.
-        return {tuple(k) if isinstance(k, list) else k: v for k, v in schedules.items()}
+            raise TypeError(f"schedules must be a non-empty mapping, got {describe(schedules)}")
+        return {_key(k, "a key of schedules"): v for k, v in schedules.items()}
     if schedule is None:
         raise TypeError("schedule is required (or schedules=, a mapping of name to schedule)")
-    if isinstance(module, str):
-        return {module: schedule}
-    if isinstance(module, Sequence) and module and all(isinstance(m, str) for m in module):
-        return {tuple(module): schedule}
-    raise TypeError(
-        f"module must be a dotted submodule name or a list of names, got {_describe(module)}"
-    )
+    return {_key(module, "module"): schedule}
 
 
 @dataclass
@@ -53,57 +74,75 @@ class FreezeSpec:
 
     Args:
         module: Dotted name of the submodule to freeze (``""`` is the whole model), or a
-            list of names, one per stage of a per-stage schedule.
+            list with one entry per stage of a per-stage schedule (a name, or a list of
+            names frozen together).
         schedule: When ``module`` is frozen: a schedule, a config dict such as
             ``{"type": "Step", "rho": 5}``, or a callable ``tick -> bool``.
         schedules: Instead of ``module``/``schedule``: a mapping of name(s) to schedule.
         by_epoch: Ticks are epochs (``True``) or optimizer steps (``False``).
-        on_unfreeze: Optimizer state of unfrozen parameters: ``"keep"`` or ``"reset"``.
-        bn: BatchNorm policy while frozen (see :class:`~freezesched.FreezePolicy`).
-        dropout: Dropout policy while frozen.
-        trainable: Exceptions that stay trainable inside frozen modules.
+        policy: How to freeze: a :class:`~freezesched.FreezePolicy` or its fields as a
+            dict (from a config file); the shortcuts replace its fields.
+        on_unfreeze: Shortcut for the policy's optimizer-state rule on unfreeze.
+        bn: Shortcut for the policy's BatchNorm mode while frozen.
+        dropout: Shortcut for the policy's dropout mode while frozen.
+        trainable: Shortcut for the policy's trainable exceptions.
+        unfreeze_lr: Shortcut for the policy's learning-rate ramp (an ``LRRamp`` or its
+            fields as a dict).
     """
 
-    module: str | Sequence[str] = "backbone"
+    module: str | Sequence[Any] = "backbone"
     schedule: ScheduleSpec | None = None
     schedules: Mapping[Any, ScheduleSpec] | None = None
     by_epoch: bool = True
-    on_unfreeze: OptimizerPolicy = "keep"
-    bn: ModePolicy = "eval"
-    dropout: ModePolicy = "eval"
-    trainable: Sequence[TrainableSpec] = ()
-    targets: dict[str | tuple[str, ...], ScheduleSpec] = field(init=False, repr=False)
+    policy: FreezePolicy | Mapping[str, Any] | None = None
+    on_unfreeze: str | None = None
+    bn: str | None = None
+    dropout: str | None = None
+    trainable: Sequence[Any] | None = None
+    unfreeze_lr: LRRamp | Mapping[str, Any] | None = None
+    targets: dict[Any, ScheduleSpec] = field(init=False, repr=False)
+    resolved: FreezePolicy = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.targets = _keys(self.module, self.schedule, self.schedules)
+        self.targets = _targets(self.module, self.schedule, self.schedules)
         if not isinstance(self.by_epoch, bool):
-            raise TypeError(f"by_epoch must be a bool, got {_describe(self.by_epoch)}")
-        if self.on_unfreeze not in ("keep", "reset"):
-            raise ValueError(
-                f"on_unfreeze must be 'keep' or 'reset', got {_describe(self.on_unfreeze)}"
-            )
-        # Validate policies and schedules now, so a bad config fails when the hook or
-        # callback is built rather than when training reaches it.
-        FreezePolicy(bn=self.bn, dropout=self.dropout, trainable=self.trainable)
+            raise TypeError(f"by_epoch must be a bool, got {describe(self.by_epoch)}")
+        ramp = self.unfreeze_lr
+        self.resolved = resolve_policy(
+            self.policy,
+            on_unfreeze=self.on_unfreeze,
+            bn=self.bn,
+            dropout=self.dropout,
+            trainable=self.trainable,
+            unfreeze_lr=LRRamp(**ramp) if isinstance(ramp, Mapping) else ramp,
+        )
+        # Validate schedules now, so a bad config fails when the hook or callback is
+        # built rather than when training reaches it.
         for key, spec in self.targets.items():
             check_schedule(
                 schedule_from_config(spec) if isinstance(spec, Mapping) else spec,
                 f"schedule for {key!r}",
             )
 
+    @property
+    def names(self) -> list[str]:
+        """Every scheduled module name, in order."""
+        out: list[str] = []
+        for key in self.targets:
+            stack = [key]
+            while stack:
+                item = stack.pop(0)
+                if isinstance(item, str):
+                    out.append(item)
+                else:
+                    stack[:0] = list(item)
+        return out
+
     def controller(
         self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]
     ) -> FreezeController:
         """A :class:`~freezesched.FreezeController` for ``model`` (touches nothing yet)."""
-        return FreezeController(
-            model,
-            self.targets,
-            optimizers=optimizers,
-            on_unfreeze=self.on_unfreeze,
-            bn=self.bn,
-            dropout=self.dropout,
-            trainable=self.trainable,
-        )
+        return FreezeController(model, self.targets, optimizers=optimizers, policy=self.resolved)
 
 
 def log_name(module: str) -> str:

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from freezesched.freezing import FreezeController, OptimizerPolicy
-from freezesched.freezing._mechanism import ModePolicy, TrainableSpec
+from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
 from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name
 
 __all__ = ["FreezeScheduleCallback"]
@@ -48,10 +47,15 @@ class FreezeScheduleCallback(TrainerCallback):
         schedule: A schedule, its config dict, or a callable ``tick -> bool``.
         schedules: Instead of ``module``/``schedule``: a mapping of name to schedule.
         by_epoch: Ticks are epochs (default) or optimizer steps.
-        on_unfreeze: ``"keep"`` or ``"reset"`` the optimizer state of unfrozen parameters.
-        bn: BatchNorm mode while frozen.
-        dropout: Dropout mode while frozen.
-        trainable: Patterns or module types that stay trainable inside frozen modules.
+        policy: How to freeze (:class:`~freezesched.FreezePolicy`, or a dict of its
+            fields); the shortcuts below replace its fields.
+        on_unfreeze: Shortcut: ``"reset"`` or ``"keep"`` the optimizer state of
+            unfrozen parameters.
+        bn: Shortcut: BatchNorm mode while frozen.
+        dropout: Shortcut: dropout mode while frozen.
+        trainable: Shortcut: patterns or module types that stay trainable inside frozen
+            modules.
+        unfreeze_lr: Shortcut: a learning-rate ramp after an unfreeze.
         log: Add ``frozen/<module>`` to the Trainer's logs.
 
     Raises:
@@ -67,10 +71,12 @@ class FreezeScheduleCallback(TrainerCallback):
         *,
         schedules: Mapping[Any, ScheduleSpec] | None = None,
         by_epoch: bool = True,
-        on_unfreeze: OptimizerPolicy = "keep",
-        bn: ModePolicy = "eval",
-        dropout: ModePolicy = "eval",
-        trainable: Sequence[TrainableSpec] = (),
+        policy: FreezePolicy | Mapping[str, Any] | None = None,
+        on_unfreeze: str | None = None,
+        bn: str | None = None,
+        dropout: str | None = None,
+        trainable: Sequence[Any] | None = None,
+        unfreeze_lr: Any = None,
         log: bool = True,
     ) -> None:
         self.spec = FreezeSpec(
@@ -78,10 +84,12 @@ class FreezeScheduleCallback(TrainerCallback):
             schedule=schedule,
             schedules=schedules,
             by_epoch=by_epoch,
+            policy=policy,
             on_unfreeze=on_unfreeze,
             bn=bn,
             dropout=dropout,
-            trainable=tuple(trainable),
+            trainable=trainable,
+            unfreeze_lr=unfreeze_lr,
         )
         self.log = log
         self.controller: FreezeController | None = None
@@ -101,25 +109,27 @@ class FreezeScheduleCallback(TrainerCallback):
         """Check the DDP settings, build the controller, re-derive a resumed run's state."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"the Trainer passed no model to the callback, got {model!r}")
-        if args.world_size > 1 and (
-            args.ddp_find_unused_parameters is False or args.ddp_static_graph
-        ):
-            raise ValueError(
-                "distributed training with ddp_find_unused_parameters="
-                f"{args.ddp_find_unused_parameters} and ddp_static_graph={args.ddp_static_graph}"
-                ": frozen parameters get no gradient and DDP fails at the next step. Set "
-                "TrainingArguments(ddp_find_unused_parameters=True, ddp_static_graph=False)"
+        if args.world_size > 1:
+            check_ddp_settings(
+                args.ddp_find_unused_parameters,
+                bool(args.ddp_static_graph),
+                where="the Trainer's model (TrainingArguments)",
+                fix="Set TrainingArguments(ddp_find_unused_parameters=True, "
+                "ddp_static_graph=False)",
             )
         # Accelerate wraps the optimizer; its state lives in the wrapped one.
         inner = getattr(optimizer, "optimizer", optimizer)
         optimizers = [inner] if isinstance(inner, torch.optim.Optimizer) else []
         self.controller = self.spec.controller(model, optimizers)
         if state.global_step > 0:
-            # The last step before the checkpoint ran at this tick.
+            # Resuming: re-enter the freeze state of the last step before the checkpoint
+            # (optimizer state untouched: the Trainer restored it from the checkpoint).
             last = (
                 math.ceil(state.epoch or 0.0) - 1 if self.spec.by_epoch else state.global_step - 1
             )
-            self.controller.restore(max(last, 0))
+            saved = self.controller.state_dict()
+            saved["tick"] = max(last, 0)
+            self.controller.load_state_dict(saved)
 
     def _apply(self, state: TrainerState) -> None:
         if self.controller is not None:

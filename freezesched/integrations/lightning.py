@@ -26,8 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from freezesched.freezing import FreezeController, OptimizerPolicy
-from freezesched.freezing._mechanism import ModePolicy, TrainableSpec
+from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
 from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name
 
 __all__ = ["FreezeScheduleCallback"]
@@ -49,10 +48,15 @@ class FreezeScheduleCallback(pl.Callback):
         schedule: A schedule, its config dict, or a callable ``tick -> bool``.
         schedules: Instead of ``module``/``schedule``: a mapping of name to schedule.
         by_epoch: Ticks are epochs (default) or optimizer steps.
-        on_unfreeze: ``"keep"`` or ``"reset"`` the optimizer state of unfrozen parameters.
-        bn: BatchNorm mode while frozen.
-        dropout: Dropout mode while frozen.
-        trainable: Patterns or module types that stay trainable inside frozen modules.
+        policy: How to freeze (:class:`~freezesched.FreezePolicy`, or a dict of its
+            fields); the shortcuts below replace its fields.
+        on_unfreeze: Shortcut: ``"reset"`` or ``"keep"`` the optimizer state of
+            unfrozen parameters.
+        bn: Shortcut: BatchNorm mode while frozen.
+        dropout: Shortcut: dropout mode while frozen.
+        trainable: Shortcut: patterns or module types that stay trainable inside frozen
+            modules.
+        unfreeze_lr: Shortcut: a learning-rate ramp after an unfreeze.
         log: Log ``frozen/<module>`` through ``LightningModule.log``.
 
     Raises:
@@ -72,10 +76,12 @@ class FreezeScheduleCallback(pl.Callback):
         *,
         schedules: Mapping[Any, ScheduleSpec] | None = None,
         by_epoch: bool = True,
-        on_unfreeze: OptimizerPolicy = "keep",
-        bn: ModePolicy = "eval",
-        dropout: ModePolicy = "eval",
-        trainable: Sequence[TrainableSpec] = (),
+        policy: FreezePolicy | Mapping[str, Any] | None = None,
+        on_unfreeze: str | None = None,
+        bn: str | None = None,
+        dropout: str | None = None,
+        trainable: Sequence[Any] | None = None,
+        unfreeze_lr: Any = None,
         log: bool = True,
     ) -> None:
         self.spec = FreezeSpec(
@@ -83,10 +89,12 @@ class FreezeScheduleCallback(pl.Callback):
             schedule=schedule,
             schedules=schedules,
             by_epoch=by_epoch,
+            policy=policy,
             on_unfreeze=on_unfreeze,
             bn=bn,
             dropout=dropout,
-            trainable=tuple(trainable),
+            trainable=trainable,
+            unfreeze_lr=unfreeze_lr,
         )
         self.log = log
         self.controller: FreezeController | None = None
@@ -95,21 +103,18 @@ class FreezeScheduleCallback(pl.Callback):
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints (unique per set of modules)."""
-        names = [n for key in self.spec.targets for n in ((key,) if isinstance(key, str) else key)]
-        return self._generate_state_key(modules=names)
+        return self._generate_state_key(modules=self.spec.names)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the DDP setup, build the controller, re-enter a resumed checkpoint's state."""
         wrapped = trainer.strategy.model
-        if (
-            isinstance(wrapped, nn.parallel.DistributedDataParallel)
-            and not wrapped.find_unused_parameters
-        ):
-            raise ValueError(
-                "the Trainer wraps the model in DistributedDataParallel with "
-                "find_unused_parameters=False; frozen parameters get no gradient and DDP "
-                "fails at the next step. Use Trainer(strategy='ddp_find_unused_parameters_true')"
-                " or DDPStrategy(find_unused_parameters=True)"
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            check_ddp_settings(
+                wrapped.find_unused_parameters,
+                bool(getattr(wrapped, "static_graph", False)),
+                where="the Trainer's model",
+                fix="Use Trainer(strategy='ddp_find_unused_parameters_true') or "
+                "DDPStrategy(find_unused_parameters=True)",
             )
         self.controller = self.spec.controller(pl_module, list(trainer.optimizers))
         if self._resumed:

@@ -33,8 +33,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
-from freezesched.freezing import FreezeController, OptimizerPolicy
-from freezesched.freezing._mechanism import ModePolicy, TrainableSpec
+from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
 from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name
 
 __all__ = ["FreezeScheduleHook"]
@@ -55,12 +54,18 @@ class FreezeScheduleHook(Hook):
         schedules: Instead of ``module``/``schedule``, a dict of name to schedule.
         by_epoch: Ticks are epochs or iterations; ``None`` (default) follows the train
             loop (iterations for ``IterBasedTrainLoop``, else epochs).
-        on_unfreeze: Optimizer state of parameters when they unfreeze: ``"keep"``
-            (what the official DBF code does) or ``"reset"``.
-        bn: BatchNorm mode while frozen, ``"eval"`` (default; running statistics stay
+        policy: How to freeze: a :class:`~freezesched.FreezePolicy` or, in a config
+            file, a dict of its fields (``dict(bn="eval", on_unfreeze="keep")``).
+        on_unfreeze: Shortcut: optimizer state of parameters when they unfreeze,
+            ``"reset"`` (the policy's default) or ``"keep"`` (what the official DBF code
+            does).
+        bn: Shortcut: BatchNorm mode while frozen, ``"eval"`` (running statistics stay
             put) or ``"train"``.
-        dropout: Dropout mode while frozen.
-        trainable: Patterns or module types that stay trainable inside frozen modules.
+        dropout: Shortcut: dropout mode while frozen.
+        trainable: Shortcut: patterns or module types that stay trainable inside frozen
+            modules.
+        unfreeze_lr: Shortcut: a learning-rate ramp after an unfreeze (``LRRamp`` or
+            ``dict(start=0.1, ticks=5)``).
         name: Key of this hook's state in checkpoints; defaults to the module names.
 
     Raises:
@@ -78,10 +83,12 @@ class FreezeScheduleHook(Hook):
         schedule: ScheduleSpec | None = None,
         schedules: Mapping[Any, ScheduleSpec] | None = None,
         by_epoch: bool | None = None,
-        on_unfreeze: OptimizerPolicy = "keep",
-        bn: ModePolicy = "eval",
-        dropout: ModePolicy = "eval",
-        trainable: Sequence[TrainableSpec] = (),
+        policy: FreezePolicy | Mapping[str, Any] | None = None,
+        on_unfreeze: str | None = None,
+        bn: str | None = None,
+        dropout: str | None = None,
+        trainable: Sequence[Any] | None = None,
+        unfreeze_lr: Any = None,
         name: str | None = None,
     ) -> None:
         self.spec = FreezeSpec(
@@ -89,15 +96,15 @@ class FreezeScheduleHook(Hook):
             schedule=schedule,
             schedules=schedules,
             by_epoch=True if by_epoch is None else by_epoch,
+            policy=policy,
             on_unfreeze=on_unfreeze,
             bn=bn,
             dropout=dropout,
-            trainable=tuple(trainable),
+            trainable=trainable,
+            unfreeze_lr=unfreeze_lr,
         )
         self._by_epoch = by_epoch
-        self.name = name or "+".join(
-            n for key in self.spec.targets for n in ((key,) if isinstance(key, str) else key)
-        )
+        self.name = name or "+".join(self.spec.names)
         self.controller: FreezeController | None = None
         self._resumed: Mapping[str, Any] | None = None
 
@@ -111,15 +118,13 @@ class FreezeScheduleHook(Hook):
                 if not isinstance(inner, nn.Module):
                     raise TypeError(f"runner.model.module must be an nn.Module, got {inner!r}")
                 model = inner
-            if (
-                isinstance(model, nn.parallel.DistributedDataParallel)
-                and not model.find_unused_parameters
-            ):
-                raise ValueError(
-                    "runner.model is a DistributedDataParallel with find_unused_parameters="
-                    "False; frozen parameters get no gradient and DDP fails at the next "
-                    "step. Add model_wrapper_cfg=dict(type='MMDistributedDataParallel', "
-                    "find_unused_parameters=True) to the config"
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                check_ddp_settings(
+                    model.find_unused_parameters,
+                    bool(getattr(model, "static_graph", False)),
+                    where="runner.model",
+                    fix="Add model_wrapper_cfg=dict(type='MMDistributedDataParallel', "
+                    "find_unused_parameters=True) to the config",
                 )
             self.controller = self.spec.controller(model, _optimizers(runner))
         return self.controller

@@ -1,24 +1,45 @@
 """FLOPs actually executed in a step, forward and backward, per module, at dispatch level.
 
-Built on :class:`torch.utils.flop_counter.FlopCounterMode` (its per-op formulas and its
-module tracking); this module only changes *what is recorded*: the phase (forward or
-backward), the kind of backward work (input gradient, weight gradient, or not
-separable), the module, and the ops that matter but have no formula. It also corrects
-two formulas torch gets wrong for training:
+Counting uses :mod:`torch.utils.flop_counter`'s per-op formulas (its ``flop_registry``)
+inside a dispatch mode of our own, which records *what* ran where:
+
+* the phase (forward or backward) and, for backward, the kind of work (input gradient,
+  weight gradient, or not separable);
+* the module, by object: forward work goes to the modules whose ``forward`` is running,
+  backward work to the modules that were running when the autograd node executing it was
+  created (looked up by the node's sequence number). So attribution does not depend on
+  wrappers (``DistributedDataParallel``, ``torch.compile``, a user's outer module), and
+  per-module counts add up exactly to the total (see :attr:`StepFlops.exclusive`);
+* every op that ran without a formula and is not negligible by convention (see below),
+  with how often it ran; such ops are reported, never silently counted as zero.
+
+Corrections and additions to torch's formulas:
 
 * grouped / depthwise convolution backward: torch counts the weight gradient as a dense
-  convolution, ``groups`` times too many FLOPs (a 64-group depthwise conv's backward
-  comes out at 65x its forward instead of 2x);
+  convolution, ``groups`` times too many FLOPs;
 * scaled-dot-product attention on the CPU (``_scaled_dot_product_flash_attention_for_cpu``
-  and its backward) has no formula in torch and counts as zero.
+  and its backward), which torch does not count. (On the ``meta`` device attention takes
+  a math fallback with a cheaper backward; the counts say so in :attr:`StepFlops.notes`.
+  :func:`~freezesched.profiling.measure_state_cost` counts on fake CPU tensors instead,
+  which take the CPU's kernels, so its counts equal a real CPU step's.)
+* ``mv``, ``addmv``, ``dot``, ``vdot``, ``addbmm``, ``_cdist_forward``, ``_euclidean_dist`` and
+  ``_cdist_backward`` (``torch.cdist``) and ``_trilinear`` (``nn.Bilinear``), which torch
+  counts as zero, and
+  the outer products in the backward of ``mv`` / ``addmv`` / ``dot``.
 
 Unit: **FLOPs = 2 x multiply-accumulates** (a multiply and an add each count one), the
-convention of torch's counter and of the DBF paper's TFLOPs. Additions of biases,
-normalizations and activations are not counted.
+convention of torch's counter and of the DBF paper's TFLOPs. Not counted, by convention:
+elementwise ops, reductions, normalizations, softmax, pooling and data movement; every
+other op without a formula (interpolation, ``grid_sample``, RoI ops, fused RNN kernels,
+a custom op...) is reported in :attr:`StepFlops.uncounted` and by an
+:class:`UncountedOpsWarning`.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+import threading
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
@@ -29,42 +50,30 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils import flop_counter as _fc
+from torch.utils._python_dispatch import TorchDispatchMode
+from typing_extensions import Self
 
-__all__ = ["FlopCount", "FlopProfiler", "StepFlops", "UncountedOpsWarning", "count_flops"]
+from freezesched._validation import describe
+
+__all__ = [
+    "FlopCount",
+    "FlopProfiler",
+    "StepFlops",
+    "UncountedOpsWarning",
+    "count_flops",
+]
 
 aten = torch.ops.aten
 
 FlopKind = Literal["forward", "input_grad", "weight_grad", "backward_unsplit"]
-GLOBAL = "Global"
-
-# Ops without a formula whose cost can matter; seeing one produces a warning, never a
-# silent zero. Matched as substrings of the aten op name.
-_MATTERS = (
-    "attention",
-    "upsample",
-    "grid_sampler",
-    "roi_align",
-    "roi_pool",
-    "multi_head",
-    "im2col",
-    "col2im",
-    "cdist",
-    "embedding_bag",
-    "conv",
-    "mm",
-    "matmul",
-    "einsum",
-    "fft",
-    "linalg",
-    "_rnn",
-    "lstm",
-    "gru",
-)
+OUTSIDE = "(outside modules)"
 
 
 class UncountedOpsWarning(RuntimeWarning):
     """Ops that can carry real FLOPs ran without a formula and were counted as zero."""
 
+
+# --- formulas ----------------------------------------------------------------------------
 
 # torch ships these without annotations; typed aliases keep mypy --strict meaningful here.
 _sdpa_flops: Callable[..., int] = _fc.sdpa_flop_count
@@ -73,6 +82,10 @@ _sdpa_backward_flops: Callable[..., int] = _fc.sdpa_backward_flop_count
 
 def _shape(x: Any) -> list[int]:
     return list(x.shape) if isinstance(x, torch.Tensor) else list(x)
+
+
+def _numel(shape: list[int]) -> int:
+    return math.prod(shape)
 
 
 def _conv_flops(
@@ -102,31 +115,104 @@ def conv_backward_parts(args: tuple[Any, ...], out: Any) -> tuple[int, int]:
     return input_grad, weight_grad
 
 
-def _sdpa_cpu_forward(
-    query_shape: list[int], key_shape: list[int], value_shape: list[int], *args: Any, **kwargs: Any
-) -> int:
-    return int(_sdpa_flops(query_shape, key_shape, value_shape))
+def _sdpa_cpu_forward(args: tuple[Any, ...], out: Any) -> int:
+    return int(_sdpa_flops(_shape(args[0]), _shape(args[1]), _shape(args[2])))
 
 
-def _sdpa_cpu_backward(
-    grad_out_shape: list[int],
-    query_shape: list[int],
-    key_shape: list[int],
-    value_shape: list[int],
-    *args: Any,
-    **kwargs: Any,
-) -> int:
-    return int(_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape))
+def _sdpa_cpu_backward(args: tuple[Any, ...], out: Any) -> int:
+    return int(
+        _sdpa_backward_flops(_shape(args[0]), _shape(args[1]), _shape(args[2]), _shape(args[3]))
+    )
 
 
-def _corrections() -> dict[Any, Callable[..., int]]:
-    table: dict[Any, Callable[..., int]] = {}
-    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    if forward is not None:
-        table[forward] = _sdpa_cpu_forward
-    if backward is not None:
-        table[backward] = _sdpa_cpu_backward
+def _mv(args: tuple[Any, ...], out: Any) -> int:
+    m, n = _shape(args[0])
+    return 2 * m * n
+
+
+def _addmv(args: tuple[Any, ...], out: Any) -> int:
+    m, n = _shape(args[1])
+    return 2 * m * n
+
+
+def _dot(args: tuple[Any, ...], out: Any) -> int:
+    return 2 * _numel(_shape(args[0]))
+
+
+def _addbmm(args: tuple[Any, ...], out: Any) -> int:
+    b, n, k = _shape(args[1])
+    m = _shape(args[2])[-1]
+    return 2 * b * n * k * m
+
+
+def _cdist(args: tuple[Any, ...], out: Any) -> int:
+    """One multiply-add per (pair of points, coordinate): the cost of the mm formulation."""
+    x1, x2 = _shape(args[0]), _shape(args[1])
+    batch = _numel(x1[:-2])
+    return 2 * batch * x1[-2] * x2[-2] * x1[-1]
+
+
+def _cdist_backward(args: tuple[Any, ...], out: Any) -> int:
+    # _cdist_backward(grad, x1, x2, p, cdist): the gradient for x1 (called once per input).
+    x1, x2 = _shape(args[1]), _shape(args[2])
+    batch = _numel(x1[:-2])
+    return 2 * batch * x1[-2] * x2[-2] * x1[-1]
+
+
+def _trilinear(args: tuple[Any, ...], out: Any) -> int:
+    """The leading term: one multiply-add per element of the broadcast product."""
+    i1, i2, i3 = (_shape(a) for a in args[:3])
+    expands = args[3:6]
+    shapes = []
+    for s, expand in zip((i1, i2, i3), expands, strict=True):
+        full = list(s)
+        for dim in sorted(expand):
+            full.insert(dim, 1)
+        shapes.append(full)
+    ndim = max(len(s) for s in shapes)
+    size = 1
+    for d in range(ndim):
+        size *= max(s[d] if d < len(s) else 1 for s in shapes)
+    return 2 * size
+
+
+Formula = Callable[[tuple[Any, ...], dict[str, Any], Any], int]
+
+
+def _ours(formula: Callable[[tuple[Any, ...], Any], int]) -> Formula:
+    def count(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+        return formula(args, out)
+
+    return count
+
+
+def _torchs(formula: Any) -> Formula:
+    def count(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+        return int(formula(*args, **kwargs, out_val=out))
+
+    return count
+
+
+def _registry() -> dict[Any, Formula]:
+    """Op -> ``formula(args, kwargs, out)``: torch's formulas, our corrections and additions."""
+    table: dict[Any, Formula] = {op: _torchs(f) for op, f in _fc.flop_registry.items()}
+    extra: dict[str, Callable[[tuple[Any, ...], Any], int]] = {
+        "_scaled_dot_product_flash_attention_for_cpu": _sdpa_cpu_forward,
+        "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_cpu_backward,
+        "mv": _mv,
+        "addmv": _addmv,
+        "dot": _dot,
+        "vdot": _dot,
+        "addbmm": _addbmm,
+        "_cdist_forward": _cdist,
+        "_euclidean_dist": _cdist,
+        "_cdist_backward": _cdist_backward,
+        "_trilinear": _trilinear,
+    }
+    for name, formula in extra.items():
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            table[packet] = _ours(formula)
     return table
 
 
@@ -143,6 +229,82 @@ _INPUT_GRAD_OPS = {
     )
     if hasattr(aten, name)
 }
+#: Backward nodes whose elementwise multiplications are outer products worth counting:
+#: node name -> the kind of work they do (one multiply per output element).
+_OUTER_PRODUCT_NODES = {
+    "MvBackward0": "weight_grad",
+    "AddmvBackward0": "weight_grad",
+    "DotBackward0": "backward_unsplit",
+    "VdotBackward0": "backward_unsplit",
+}
+
+#: Ops that cost nothing worth counting by convention, besides those tagged pointwise,
+#: reduction or view. Matched on the op's base name.
+# fmt: off
+_NEGLIGIBLE = frozenset((
+    "_softmax", "softmax", "_log_softmax", "log_softmax", "_softmax_backward_data",
+    "_log_softmax_backward_data", "_safe_softmax", "_unsafe_view", "native_batch_norm",
+    "native_batch_norm_backward", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
+    "batch_norm_backward", "cudnn_batch_norm", "cudnn_batch_norm_backward",
+    "miopen_batch_norm", "native_layer_norm", "native_layer_norm_backward",
+    "native_group_norm", "native_group_norm_backward", "_fused_rms_norm",
+    "_fused_rms_norm_backward", "max_pool2d_with_indices",
+    "max_pool2d_with_indices_backward", "max_pool3d_with_indices",
+    "max_pool3d_with_indices_backward", "max_pool1d", "max_pool2d", "max_pool3d",
+    "avg_pool2d", "avg_pool2d_backward", "avg_pool3d", "avg_pool3d_backward",
+    "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d",
+    "_adaptive_avg_pool3d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward",
+    "embedding", "embedding_dense_backward", "_embedding_bag", "_embedding_bag_backward",
+    "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
+    "cat", "stack", "index", "index_put", "index_put_", "_index_put_impl_", "index_select",
+    "index_add", "gather", "scatter", "scatter_add", "scatter_reduce", "masked_fill",
+    "masked_scatter", "masked_select", "copy", "copy_", "_to_copy", "clone", "contiguous",
+    "zeros", "zeros_like", "ones", "ones_like", "empty", "empty_like", "empty_strided",
+    "new_empty", "new_empty_strided", "new_zeros", "new_ones", "full", "full_like", "fill",
+    "fill_", "zero_", "arange", "linspace", "rand", "randn", "randint", "rand_like",
+    "randn_like", "bernoulli", "bernoulli_", "native_dropout", "native_dropout_backward",
+    "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "sort", "topk", "argsort",
+    "nonzero", "unique", "_unique2", "where", "constant_pad_nd", "reflection_pad2d",
+    "replication_pad2d", "pad", "_pad_circular", "repeat", "tile", "flip", "roll", "split",
+    "split_with_sizes", "unbind", "chunk", "narrow", "select", "slice", "slice_backward",
+    "select_backward", "diagonal_backward", "_unsafe_index", "_unsafe_index_put", "set_",
+    "resize_", "_reshape_alias", "_efficientzerotensor", "scalar_tensor", "tril", "triu",
+    "one_hot", "cumsum", "cumprod", "isin", "bucketize", "searchsorted", "_assert_async",
+    "_assert_tensor_metadata", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+    "is_same_size", "_has_compatible_shallow_copy_type", "detach", "_fused_dropout", "sum",
+    "mean", "amax", "amin", "max", "min", "argmax", "argmin", "var", "var_mean", "std",
+    "std_mean", "norm", "linalg_vector_norm", "_foreach_add", "_foreach_mul",
+    "_foreach_addcmul", "_foreach_addcdiv", "_foreach_sqrt", "_foreach_div",
+    "_foreach_lerp", "_foreach_mul_", "_foreach_add_", "_foreach_addcmul_",
+    "_foreach_addcdiv_", "_foreach_sqrt_", "_foreach_div_", "_foreach_lerp_",
+    "_foreach_norm", "_fused_adam_", "_fused_adamw_", "_fused_sgd_", "threshold_backward",
+))
+# fmt: on
+_QUIET_TAGS = tuple(
+    getattr(torch.Tag, name)
+    for name in ("pointwise", "reduction", "view_copy", "inplace_view")
+    if hasattr(torch.Tag, name)
+)
+
+
+def _negligible(func: Any) -> bool:
+    packet = getattr(func, "overloadpacket", func)
+    name = getattr(packet, "__name__", str(packet))
+    if name in _NEGLIGIBLE or name.rstrip("_") in _NEGLIGIBLE:
+        return True
+    tags = getattr(func, "tags", ())
+    if any(tag in tags for tag in _QUIET_TAGS):
+        return True
+    schema = getattr(func, "_schema", None)
+    returns = getattr(schema, "returns", ())
+    # Views and in-place ops that only alias their input move no data.
+    return bool(returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in returns
+    )
+
+
+# --- results ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -152,8 +314,9 @@ class FlopCount:
     Attributes:
         forward: Forward FLOPs.
         input_grad: Backward FLOPs that compute gradients w.r.t. activations, where the op
-            tells them apart (convolution, attention).
-        weight_grad: Backward FLOPs that compute gradients w.r.t. weights (convolution).
+            tells them apart (convolution, attention, ``mv``).
+        weight_grad: Backward FLOPs that compute gradients w.r.t. weights (convolution,
+            the outer product of ``mv``).
         backward_unsplit: Backward FLOPs of ops that do not say which gradient they compute
             (matrix products: a linear layer's backward is two ``mm`` calls).
     """
@@ -195,6 +358,15 @@ class FlopCount:
             round(self.backward_unsplit * factor),
         )
 
+    def to_dict(self) -> dict[str, int]:
+        """The four fields as a dict."""
+        return {
+            "forward": self.forward,
+            "input_grad": self.input_grad,
+            "weight_grad": self.weight_grad,
+            "backward_unsplit": self.backward_unsplit,
+        }
+
 
 @dataclass(frozen=True)
 class StepFlops:
@@ -202,15 +374,25 @@ class StepFlops:
 
     Attributes:
         total: FLOPs of everything that ran.
-        modules: Inclusive FLOPs per module name (a module includes its children).
-            Names are relative to the profiler's ``model`` (``""`` is the model itself)
-            when one was given, else torch's ``ClassName.child`` names.
-        uncounted: Ops that matter but have no formula, with how often each ran.
+        modules: Inclusive FLOPs per module name (a module includes its children). Names
+            are relative to the profiler's ``model`` (``""`` is the model itself) when one
+            was given, else built from class names as modules are first seen. Every module
+            of the model is listed, with zeros if it ran nothing counted.
+        exclusive: FLOPs per module excluding its children, plus :data:`OUTSIDE` for work
+            done outside every module of the model (a loss, a wrapper): these add up
+            exactly to ``total``.
+        uncounted: Ops that ran without a formula and are not negligible by convention,
+            with how often each ran.
+        call_order: Module names in the order their forward was first called.
+        notes: What else one must know to read these counts right.
     """
 
     total: FlopCount
     modules: Mapping[str, FlopCount] = field(default_factory=dict)
+    exclusive: Mapping[str, FlopCount] = field(default_factory=dict)
     uncounted: Mapping[str, int] = field(default_factory=dict)
+    call_order: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def forward_of(self, names: list[str]) -> int:
         """Forward FLOPs of the given modules, counting nested names once.
@@ -220,68 +402,161 @@ class StepFlops:
                 a model, never seen running).
         """
         chosen = sorted(set(names))
-        outer = [n for n in chosen if not any(n.startswith(p + ".") for p in chosen if p != n)]
+        outer = [
+            n for n in chosen if not any(n.startswith(p + ".") or p == "" for p in chosen if p != n)
+        ]
         missing = [n for n in outer if n not in self.modules]
         if missing:
             raise KeyError(f"no FLOPs were recorded for modules {missing}")
         return sum(self.modules[n].forward for n in outer)
 
 
-class _Counter(_fc.FlopCounterMode):
-    """FlopCounterMode that records phase, kind and uncounted ops (see module docstring)."""
+# --- the counting modes ------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        super().__init__(display=False, custom_mapping=_corrections())
-        self.kinds: defaultdict[str, Counter[str]] = defaultdict(Counter)
+
+_SAFE_SOFTMAX = getattr(aten, "_safe_softmax", None)  # only attention's math fallback uses it
+META_ATTENTION_NOTE = (
+    "scaled-dot-product attention ran {n} time(s) on the meta device, where it takes its "
+    "math fallback: a backward of 4 products (2.0 x forward) instead of the fused CPU/GPU "
+    "kernels' 5 (2.5 x, QK^T is recomputed). measure_state_cost and the project command "
+    "count on fake CPU tensors, which take the CPU's kernel"
+)
+
+
+class _Counter(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts FLOPs per op, phase, kind and module (see the module docstring)."""
+
+    def __init__(self, names: dict[int, str], named: bool) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = _registry()
+        self.names = names
+        self.named = named  # names were given (a model); else they grow as modules run
+        self.counts: defaultdict[tuple[str, ...], Counter[str]] = defaultdict(Counter)
         self.uncounted: Counter[str] = Counter()
+        self.local = threading.local()
+        self.event_seqs: list[int] = []
+        self.event_stacks: list[tuple[str, ...]] = []
+        self.lock = threading.Lock()
+        self.handles: list[Any] = []
+        self.order: dict[str, None] = {}
+        self.meta_attention = 0  # attention's math fallback seen on the meta device
 
-    def _record(self, kind: str, flops: int) -> None:
+    # module tracking: forward pre/post hooks on every module, by object
+
+    def _stack(self) -> list[str]:
+        stack: list[str] | None = getattr(self.local, "stack", None)
+        if stack is None:
+            stack = self.local.stack = []
+        return stack
+
+    def _event(self, stack: list[str]) -> None:
+        seq = int(torch._C._autograd._get_sequence_nr())
+        with self.lock:
+            self.event_seqs.append(seq)
+            self.event_stacks.append(tuple(stack))
+
+    def _name(self, module: nn.Module) -> str | None:
+        name = self.names.get(id(module))
+        if name is None and not self.named:
+            root = type(module).__name__
+            for fqn, sub in module.named_modules():
+                self.names.setdefault(id(sub), f"{root}.{fqn}" if fqn else root)
+            name = self.names[id(module)]
+        return name
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        name = self._name(module)
+        if name is not None:
+            self.order.setdefault(name, None)
+            stack = self._stack()
+            stack.append(name)
+            self._event(stack)
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.names.get(id(module))
+        stack = self._stack()
+        if name is not None and stack and stack[-1] == name:
+            stack.pop()
+            self._event(stack)
+
+    def _creation_stack(self, node: Any) -> tuple[str, ...]:
+        try:
+            seq = int(node._sequence_nr())
+        except (AttributeError, RuntimeError):
+            return ()
+        with self.lock:
+            i = bisect.bisect_right(self.event_seqs, seq) - 1
+            return self.event_stacks[i] if i >= 0 else ()
+
+    def record(self, stack: tuple[str, ...], kind: str, flops: int) -> None:
         if flops:
-            for name in set(self.mod_tracker.parents):
-                self.kinds[name][kind] += flops
+            self.counts[stack][kind] += flops
 
-    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
-        backward = bool(self.mod_tracker.is_bw)
-        if func_packet is aten.convolution_backward:
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        node: Any = torch._C._current_autograd_node()
+        if node is None:
+            stack: tuple[str, ...] = tuple(self._stack())
+            backward = False
+        else:
+            stack = self._creation_stack(node)
+            backward = True
+        if packet is aten.convolution_backward:
             input_grad, weight_grad = conv_backward_parts(tuple(args), out)
-            self._record("input_grad", input_grad)
-            self._record("weight_grad", weight_grad)
-        elif func_packet in self.flop_registry:
-            flops = int(self.flop_registry[func_packet](*args, **kwargs, out_val=out))
+            self.record(stack, "input_grad", input_grad)
+            self.record(stack, "weight_grad", weight_grad)
+        elif packet in self.registry:
+            flops = self.registry[packet](tuple(args), kwargs, out)
             if not backward:
                 kind = "forward"
-            elif func_packet in _INPUT_GRAD_OPS:
+            elif packet in _INPUT_GRAD_OPS or (
+                packet in (aten.mv, aten.addmv) and node.name() in _OUTER_PRODUCT_NODES
+            ):
                 kind = "input_grad"
             else:
                 kind = "backward_unsplit"
-            self._record(kind, flops)
-        else:
-            name = str(func_packet)
-            if any(key in name for key in _MATTERS):
-                self.uncounted[name] += 1
+            self.record(stack, kind, flops)
+        elif backward and node.name() in _OUTER_PRODUCT_NODES and packet is aten.mul:
+            kind = _OUTER_PRODUCT_NODES[node.name()]
+            self.record(stack, kind, int(out.numel()) if isinstance(out, torch.Tensor) else 0)
+        elif not _negligible(func):
+            self.uncounted[str(packet)] += 1
+        if packet is _SAFE_SOFTMAX and isinstance(out, torch.Tensor) and out.device.type == "meta":
+            self.meta_attention += 1
         return out
 
 
-def _module_names(model: nn.Module) -> dict[str, str]:
-    """Tracker name -> name relative to ``model`` (what torch's ModuleTracker calls it)."""
-    root = type(model).__name__
-    return {(f"{root}.{fqn}" if fqn else root): fqn for fqn, _ in model.named_modules()}
+def module_names(model: nn.Module) -> dict[int, str]:
+    """Module identity -> qualified name relative to ``model`` (the first of shared names)."""
+    names: dict[int, str] = {}
+    for fqn, sub in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(sub), fqn)
+    return names
+
+
+def _as_count(kinds: Mapping[str, int]) -> FlopCount:
+    return FlopCount(**{k: int(v) for k, v in kinds.items()})
 
 
 class FlopProfiler:
     """Count the FLOPs of everything run inside the block, by phase, kind and module.
 
-    Run the forward *and* the backward inside the block: backward work is attributed to
-    modules through hooks that the forward installs.
+    Run the forward *and* the backward inside the block. Modules are recognised by object,
+    so the model may be called through any wrapper (``DistributedDataParallel``, a
+    compiled ``OptimizedModule``, an outer module of yours).
 
     Args:
-        model: The model whose ``forward`` is called inside the block; module names in
-            the result are then relative to it (``"backbone.layer1"``).
+        model: The model whose modules to break the counts down by; names in the result
+            are then relative to it (``"backbone.layer1"``).
         warn_uncounted: Warn (:class:`UncountedOpsWarning`) when ops that can carry real
             FLOPs ran without a formula.
 
     Raises:
-        RuntimeError: the installed torch lacks the counter hooks this relies on.
+        TypeError: ``model`` is not a module.
 
     Examples:
         >>> layer = nn.Linear(8, 4, bias=False)
@@ -294,13 +569,8 @@ class FlopProfiler:
     """
 
     def __init__(self, model: nn.Module | None = None, *, warn_uncounted: bool = True) -> None:
-        if not hasattr(_fc.FlopCounterMode, "_count_flops"):
-            raise RuntimeError(
-                "freezesched's FLOP profiler needs torch.utils.flop_counter.FlopCounterMode."
-                f"_count_flops (torch >= 2.4); this is torch {torch.__version__}"
-            )
         if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+            raise TypeError(f"model must be an nn.Module or None, got {describe(model)}")
         self.model = model
         self.warn_uncounted = warn_uncounted
         self._counter: _Counter | None = None
@@ -313,9 +583,15 @@ class FlopProfiler:
             raise RuntimeError("FlopProfiler.result is available after the with-block exits")
         return self._result
 
-    def __enter__(self) -> FlopProfiler:
-        self._counter = _Counter()
-        enter: Callable[[], object] = self._counter.__enter__
+    def __enter__(self) -> Self:
+        names = module_names(self.model) if self.model is not None else {}
+        counter = _Counter(names, named=self.model is not None)
+        counter.handles = [
+            nn.modules.module.register_module_forward_pre_hook(counter.pre),
+            nn.modules.module.register_module_forward_hook(counter.post, always_call=True),
+        ]
+        self._counter = counter
+        enter: Callable[[], object] = getattr(counter, "__enter__")  # noqa: B009 - untyped
         enter()
         return self
 
@@ -328,35 +604,47 @@ class FlopProfiler:
         counter, self._counter = self._counter, None
         if counter is None:
             return
-        leave: Callable[..., object] = counter.__exit__
+        leave: Callable[..., object] = getattr(counter, "__exit__")  # noqa: B009 - untyped
         leave(exc_type, exc, tb)
-        names = _module_names(self.model) if self.model is not None else {}
+        for handle in counter.handles:
+            handle.remove()
+        self._result = self._summarize(counter)
+        if self.warn_uncounted and self._result.uncounted and exc_type is None:
+            warn_uncounted(self._result.uncounted, stacklevel=2)
 
-        def as_count(kinds: Counter[str]) -> FlopCount:
-            return FlopCount(**{k: int(v) for k, v in kinds.items()})
-
+    def _summarize(self, counter: _Counter) -> StepFlops:
+        total: Counter[str] = Counter()
+        inclusive: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        exclusive: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        for stack, kinds in counter.counts.items():
+            total.update(kinds)
+            exclusive[stack[-1] if stack else OUTSIDE].update(kinds)
+            for name in set(stack):
+                inclusive[name].update(kinds)
         # Every module of the model is listed, also those that ran no counted op (norms,
         # activations): zero is then a measurement, not a missing entry.
-        modules = {fqn: FlopCount() for fqn in names.values()}
-        modules.update(
-            {
-                names.get(name, name): as_count(kinds)
-                for name, kinds in counter.kinds.items()
-                if name != GLOBAL
-            }
-        )
-        self._result = StepFlops(
-            total=as_count(counter.kinds.get(GLOBAL, Counter())),
+        modules = {name: FlopCount() for name in counter.names.values()}
+        modules.update({name: _as_count(kinds) for name, kinds in inclusive.items()})
+        return StepFlops(
+            total=_as_count(total),
             modules=modules,
+            exclusive={name: _as_count(kinds) for name, kinds in exclusive.items()},
             uncounted=dict(counter.uncounted),
+            call_order=tuple(counter.order),
+            notes=(META_ATTENTION_NOTE.format(n=counter.meta_attention),)
+            if counter.meta_attention
+            else (),
         )
-        if self.warn_uncounted and counter.uncounted and exc_type is None:
-            listed = ", ".join(f"{op} x{n}" for op, n in sorted(counter.uncounted.items()))
-            warnings.warn(
-                f"these ops ran without a FLOP formula and were counted as 0: {listed}",
-                UncountedOpsWarning,
-                stacklevel=2,
-            )
+
+
+def warn_uncounted(uncounted: Mapping[str, int], *, stacklevel: int = 2) -> None:
+    """Emit the :class:`UncountedOpsWarning` for ``uncounted`` (op name -> calls)."""
+    listed = ", ".join(f"{op} x{n}" for op, n in sorted(uncounted.items()))
+    warnings.warn(
+        f"these ops ran without a FLOP formula and were counted as 0: {listed}",
+        UncountedOpsWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def count_flops(step: Callable[[], object], model: nn.Module | None = None) -> StepFlops:

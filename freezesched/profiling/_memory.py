@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 import torch
+from typing_extensions import Self
 
 __all__ = ["SavedTensorMeter"]
 
@@ -51,7 +52,7 @@ class SavedTensorMeter:
             self.bytes += storage.nbytes()
         return tensor
 
-    def __enter__(self) -> SavedTensorMeter:
+    def __enter__(self) -> Self:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self

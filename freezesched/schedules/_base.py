@@ -1,4 +1,4 @@
-"""Base classes, tick validation and the config registry shared by all schedules.
+"""The schedule types and their algebra: ``Schedule``, ``BinarySchedule``, ``&``, ``|``, ``~``.
 
 A schedule is a pure function of one explicit counter, the *tick* (an epoch or an
 iteration; the caller decides). Every schedule implements one vectorized method,
@@ -9,73 +9,24 @@ million ticks both go through it, so the two can never disagree.
 from __future__ import annotations
 
 import abc
-import math
-import numbers
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = [
-    "BinarySchedule",
-    "Schedule",
-    "check_tick",
-    "schedule_from_config",
-]
+from freezesched._validation import MAX_TICK, check_int, check_tick, describe
 
-_REGISTRY: dict[str, type[Schedule]] = {}
+__all__ = ["And", "BinarySchedule", "Not", "Or", "Schedule"]
 
 
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def check_int(value: object, name: str, *, minimum: int = 0) -> int:
-    """Return ``value`` as an ``int`` if it is an integer ``>= minimum``; raise otherwise.
-
-    ``bool`` is rejected although it is an ``int`` subclass: ``True`` as a tick or a count
-    is almost always a bug.
-
-    Raises:
-        TypeError: ``value`` is not an integer.
-        ValueError: ``value < minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {_describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_tick(t: object, name: str = "t") -> int:
-    """Validate a tick: an ``int`` (or NumPy integer) ``>= 0``; ``bool`` is rejected.
-
-    Args:
-        t: The tick to validate.
-        name: The argument name used in error messages.
-
-    Returns:
-        ``t`` as a Python ``int``.
-
-    Raises:
-        TypeError: ``t`` is not an integer.
-        ValueError: ``t`` is negative.
-
-    Examples:
-        >>> check_tick(3)
-        3
-        >>> check_tick(-1)
-        Traceback (most recent call last):
-        ...
-        ValueError: t must be an int >= 0, got -1
-    """
-    return check_int(t, name, minimum=0)
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    fields: Mapping[str, Any] = getattr(cls, "__dataclass_fields__", {})
-    return tuple(fields)
+def init_fields(cls: type) -> tuple[str, ...]:
+    """Names of a dataclass's constructor fields (``init=False`` fields are not config)."""
+    if not dataclasses.is_dataclass(cls):
+        return ()
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 def _to_config_value(value: Any) -> Any:
@@ -83,17 +34,6 @@ def _to_config_value(value: Any) -> Any:
         return value.to_config()
     if isinstance(value, tuple):
         return [_to_config_value(v) for v in value]
-    return value
-
-
-def _from_config_value(value: Any) -> Any:
-    if isinstance(value, Mapping) and "type" in value:
-        return schedule_from_config(value)
-    if isinstance(value, list | tuple):
-        return tuple(_from_config_value(v) for v in value)
-    if isinstance(value, str) and value in ("inf", "+inf", "Infinity"):
-        # JSON has no infinity literal; configs written by hand or by a CLI use a string.
-        return math.inf
     return value
 
 
@@ -109,18 +49,13 @@ class Schedule(abc.ABC):
         """Number of stages the schedule decides for (``1`` for binary schedules)."""
         return 1
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
-            _REGISTRY[cls.__name__] = cls
-
     @abc.abstractmethod
     def __call__(self, t: int) -> bool | tuple[bool, ...]:
         """The decision at tick ``t``: a bool, or one bool per stage (``True`` = frozen)."""
 
     @abc.abstractmethod
     def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
-        """Freeze decisions for a 1-D array of non-negative ticks.
+        """Freeze decisions for a 1-D array of ticks in ``[0, MAX_TICK]``.
 
         Returns a boolean array of shape ``(len(ticks),)`` for binary schedules and
         ``(len(ticks), num_stages)`` for per-stage schedules; ``True`` means frozen.
@@ -130,7 +65,7 @@ class Schedule(abc.ABC):
         """Evaluate the schedule on every tick of ``[start, stop)`` at once (vectorized).
 
         Args:
-            stop: One past the last tick.
+            stop: One past the last tick (at most ``MAX_TICK + 1``).
             start: The first tick.
 
         Returns:
@@ -147,13 +82,13 @@ class Schedule(abc.ABC):
             [0, 1, 1, 0, 1, 1, 0]
         """
         start = check_tick(start, "start")
-        stop = check_tick(stop, "stop")
+        stop = check_int(stop, "stop", maximum=MAX_TICK + 1)
         if stop < start:
             raise ValueError(f"stop must be >= start, got start={start}, stop={stop}")
         return self._frozen_at(np.arange(start, stop, dtype=np.int64))
 
     def to_config(self) -> dict[str, Any]:
-        """A plain-dict description that :func:`schedule_from_config` turns back into it.
+        """A plain-dict description that ``schedule_from_config`` turns back into it.
 
         Examples:
             >>> from freezesched import Step, WarmupThenFreeze
@@ -161,9 +96,26 @@ class Schedule(abc.ABC):
             {'type': 'WarmupThenFreeze', 'warmup': 50, 'then': {'type': 'Step', 'rho': 5}}
         """
         config: dict[str, Any] = {"type": type(self).__name__}
-        for name in _field_names(type(self)):
+        for name in init_fields(type(self)):
             config[name] = _to_config_value(getattr(self, name))
         return config
+
+    def summary(self, width: int = 48) -> str:
+        """A short, human-readable description for tables and plot titles.
+
+        The full form is ``repr(schedule)`` (and :meth:`to_config`); this one is at most
+        ``width`` characters, cut with ``...`` if needed.
+
+        Examples:
+            >>> from freezesched import Step, WarmupThenFreeze
+            >>> WarmupThenFreeze(50, then=Step(5)).summary()
+            'WarmupThenFreeze(50, then=Step(5))'
+        """
+        text = self._summary()
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    def _summary(self) -> str:
+        return repr(self)
 
     @classmethod
     def _from_config_kwargs(cls, kwargs: dict[str, Any]) -> Schedule:
@@ -182,65 +134,121 @@ class BinarySchedule(Schedule):
 
         Raises:
             TypeError: ``t`` is not an integer.
-            ValueError: ``t`` is negative.
+            ValueError: ``t`` is negative or above ``MAX_TICK``.
         """
         tick = check_tick(t)
         return bool(self._frozen_at(np.array([tick], dtype=np.int64))[0])
 
     def __and__(self, other: BinarySchedule) -> BinarySchedule:
-        from freezesched.schedules._combinators import And
-
         return And(self, other)
 
     def __or__(self, other: BinarySchedule) -> BinarySchedule:
-        from freezesched.schedules._combinators import Or
-
         return Or(self, other)
 
     def __invert__(self) -> BinarySchedule:
-        from freezesched.schedules._combinators import Not
-
         return Not(self)
 
 
-def schedule_from_config(config: Mapping[str, Any] | Schedule) -> Schedule:
-    """Build a schedule from the plain dict that :meth:`Schedule.to_config` returns.
+def binary_tuple(schedules: object, name: str) -> tuple[BinarySchedule, ...]:
+    """A non-empty sequence of binary schedules as a tuple; ``TypeError`` otherwise."""
+    if isinstance(schedules, BinarySchedule | Mapping) or not isinstance(schedules, Iterable):
+        raise TypeError(f"{name} must be a sequence of BinarySchedule, got {describe(schedules)}")
+    items = tuple(schedules)
+    if not items:
+        raise ValueError(f"{name} must hold at least one schedule, got an empty sequence")
+    for i, item in enumerate(items):
+        if not isinstance(item, BinarySchedule):
+            raise TypeError(f"{name}[{i}] must be a BinarySchedule, got {describe(item)}")
+    return items
 
-    Nested schedules are dicts with a ``"type"`` key; lists become tuples; the string
-    ``"inf"`` stands for ``math.inf`` (JSON has no infinity). A :class:`Schedule` is
-    returned unchanged, so configs may also hold ready-made schedules.
 
-    Args:
-        config: A mapping with a ``"type"`` key naming a schedule class, plus that
-            class's constructor arguments.
+class _Variadic(BinarySchedule):
+    """Shared constructor for logical combinators that take any number of children."""
 
-    Returns:
-        The schedule.
+    schedules: tuple[BinarySchedule, ...]
 
-    Raises:
-        TypeError: ``config`` is not a mapping or a schedule.
-        ValueError: the type is unknown, or the keys do not fit that type.
+    def __init__(self, *schedules: BinarySchedule) -> None:
+        object.__setattr__(self, "schedules", binary_tuple(schedules, "schedules"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.schedules))})"
+
+    _symbol = ""
+
+    def _summary(self) -> str:
+        return f" {self._symbol} ".join(f"({s._summary()})" for s in self.schedules)
+
+    @classmethod
+    def _from_config_kwargs(cls, kwargs: dict[str, Any]) -> Schedule:
+        unknown = sorted(set(kwargs) - {"schedules"})
+        if unknown:
+            raise ValueError(f"config for {cls.__name__} has unknown keys {unknown}")
+        return cls(*binary_tuple(kwargs.get("schedules", ()), "schedules"))
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class And(_Variadic):
+    """Frozen iff *every* child is frozen (``a & b``).
 
     Examples:
-        >>> schedule_from_config({"type": "Step", "rho": "inf"})
-        Step(rho=inf)
+        >>> from freezesched import Step
+        >>> (Step(2) & Step(3)).timeline(7).astype(int).tolist()
+        [0, 1, 0, 0, 0, 1, 0]
     """
-    if isinstance(config, Schedule):
-        return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping with a 'type' key, got {_describe(config)}")
-    if "type" not in config:
-        raise ValueError(f"config must have a 'type' key naming a schedule, got {dict(config)!r}")
-    name = config["type"]
-    cls = _REGISTRY.get(name) if isinstance(name, str) else None
-    if cls is None or not _field_names(cls):
-        known = sorted(k for k, v in _REGISTRY.items() if _field_names(v))
-        raise ValueError(f"config['type'] must be one of {known}, got {name!r}")
-    kwargs = {k: _from_config_value(v) for k, v in config.items() if k != "type"}
-    allowed = set(_field_names(cls))
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(
-            f"config for {name} has unknown keys {unknown}; allowed keys are {sorted(allowed)}"
-        )
-    return cls._from_config_kwargs(kwargs)
+
+    schedules: tuple[BinarySchedule, ...]
+    _symbol = "&"
+
+    def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
+        out = self.schedules[0]._frozen_at(ticks)
+        for child in self.schedules[1:]:
+            out = out & child._frozen_at(ticks)
+        return out
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Or(_Variadic):
+    """Frozen iff *any* child is frozen (``a | b``).
+
+    Examples:
+        >>> from freezesched import Step
+        >>> (Step(2) | Step(3)).timeline(7).astype(int).tolist()
+        [0, 1, 1, 1, 1, 1, 0]
+    """
+
+    schedules: tuple[BinarySchedule, ...]
+    _symbol = "|"
+
+    def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
+        out = self.schedules[0]._frozen_at(ticks)
+        for child in self.schedules[1:]:
+            out = out | child._frozen_at(ticks)
+        return out
+
+
+@dataclass(frozen=True)
+class Not(BinarySchedule):
+    """Frozen iff the child is trainable (``~s``); ``~Not(s)`` is ``s`` itself.
+
+    Examples:
+        >>> from freezesched import Step
+        >>> (~Step(3)).timeline(4).astype(int).tolist()
+        [1, 0, 0, 1]
+        >>> ~~Step(3) == Step(3)
+        True
+    """
+
+    schedule: BinarySchedule
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, BinarySchedule):
+            raise TypeError(f"schedule must be a BinarySchedule, got {describe(self.schedule)}")
+
+    def __invert__(self) -> BinarySchedule:
+        return self.schedule
+
+    def _summary(self) -> str:
+        return f"~({self.schedule._summary()})"
+
+    def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
+        return ~self.schedule._frozen_at(ticks)

@@ -1,29 +1,17 @@
-"""Combinators: schedules in sequence, and logical and/or/not of schedules."""
+"""Schedules in sequence: each child owns a range of ticks and sees them from its start."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from freezesched.schedules._base import BinarySchedule, Schedule, _describe, check_int
+from freezesched._validation import check_int, describe
+from freezesched.schedules._base import BinarySchedule, binary_tuple
 
-__all__ = ["And", "Not", "Or", "Sequential"]
-
-
-def _binary_tuple(schedules: object, name: str) -> tuple[BinarySchedule, ...]:
-    if isinstance(schedules, BinarySchedule) or not isinstance(schedules, Iterable):
-        raise TypeError(f"{name} must be a sequence of BinarySchedule, got {_describe(schedules)}")
-    items = tuple(schedules)
-    if not items:
-        raise ValueError(f"{name} must hold at least one schedule, got an empty sequence")
-    for i, item in enumerate(items):
-        if not isinstance(item, BinarySchedule):
-            raise TypeError(f"{name}[{i}] must be a BinarySchedule, got {_describe(item)}")
-    return items
+__all__ = ["Sequential"]
 
 
 @dataclass(frozen=True)
@@ -53,10 +41,10 @@ class Sequential(BinarySchedule):
     boundaries: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        schedules = _binary_tuple(self.schedules, "schedules")
+        schedules = binary_tuple(self.schedules, "schedules")
         given: object = self.boundaries
-        if isinstance(given, int) or not isinstance(given, Iterable):
-            raise TypeError(f"boundaries must be a sequence of ints, got {_describe(given)}")
+        if isinstance(given, int | str) or not isinstance(given, Iterable):
+            raise TypeError(f"boundaries must be a sequence of ints, got {describe(given)}")
         boundaries = tuple(check_int(b, f"boundaries[{i}]", minimum=1) for i, b in enumerate(given))
         if len(boundaries) != len(schedules) - 1:
             raise ValueError(
@@ -69,6 +57,13 @@ class Sequential(BinarySchedule):
         object.__setattr__(self, "schedules", schedules)
         object.__setattr__(self, "boundaries", boundaries)
 
+    def _summary(self) -> str:
+        parts = [s._summary() for s in self.schedules]
+        joined = " | ".join(
+            f"{p} from {b}" for p, b in zip(parts[1:], self.boundaries, strict=True)
+        )
+        return f"Sequential({parts[0]}" + (f"; {joined})" if joined else ")")
+
     def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
         starts = np.array((0, *self.boundaries), dtype=np.int64)
         which = np.searchsorted(starts, ticks, side="right") - 1
@@ -78,82 +73,3 @@ class Sequential(BinarySchedule):
             if mask.any():
                 out[mask] = child._frozen_at(ticks[mask] - starts[i])
         return out
-
-
-class _Variadic(BinarySchedule):
-    """Shared constructor for logical combinators that take any number of children."""
-
-    schedules: tuple[BinarySchedule, ...]
-
-    def __init__(self, *schedules: BinarySchedule) -> None:
-        object.__setattr__(self, "schedules", _binary_tuple(schedules, "schedules"))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(map(repr, self.schedules))})"
-
-    @classmethod
-    def _from_config_kwargs(cls, kwargs: dict[str, Any]) -> Schedule:
-        return cls(*kwargs.get("schedules", ()))
-
-
-@dataclass(frozen=True, init=False, repr=False)
-class And(_Variadic):
-    """Frozen iff *every* child is frozen (``a & b``).
-
-    Examples:
-        >>> from freezesched import Step
-        >>> (Step(2) & Step(3)).timeline(7).astype(int).tolist()
-        [0, 1, 0, 0, 0, 1, 0]
-    """
-
-    schedules: tuple[BinarySchedule, ...]
-
-    def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
-        out = self.schedules[0]._frozen_at(ticks)
-        for child in self.schedules[1:]:
-            out = out & child._frozen_at(ticks)
-        return out
-
-
-@dataclass(frozen=True, init=False, repr=False)
-class Or(_Variadic):
-    """Frozen iff *any* child is frozen (``a | b``).
-
-    Examples:
-        >>> from freezesched import Step
-        >>> (Step(2) | Step(3)).timeline(7).astype(int).tolist()
-        [0, 1, 1, 1, 1, 1, 0]
-    """
-
-    schedules: tuple[BinarySchedule, ...]
-
-    def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
-        out = self.schedules[0]._frozen_at(ticks)
-        for child in self.schedules[1:]:
-            out = out | child._frozen_at(ticks)
-        return out
-
-
-@dataclass(frozen=True)
-class Not(BinarySchedule):
-    """Frozen iff the child is trainable (``~s``); ``~Not(s)`` is ``s`` itself.
-
-    Examples:
-        >>> from freezesched import Step
-        >>> (~Step(3)).timeline(4).astype(int).tolist()
-        [1, 0, 0, 1]
-        >>> ~~Step(3) == Step(3)
-        True
-    """
-
-    schedule: BinarySchedule
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.schedule, BinarySchedule):
-            raise TypeError(f"schedule must be a BinarySchedule, got {_describe(self.schedule)}")
-
-    def __invert__(self) -> BinarySchedule:
-        return self.schedule
-
-    def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
-        return ~self.schedule._frozen_at(ticks)

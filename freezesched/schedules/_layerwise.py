@@ -8,13 +8,14 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from freezesched.schedules._base import Schedule, _describe, check_int, check_tick
-from freezesched.schedules._basic import WarmupThenFreeze
-from freezesched.schedules._combinators import Not, _binary_tuple
+from freezesched._validation import check_int, check_tick, describe
+from freezesched.schedules._base import BinarySchedule, Not, Schedule, binary_tuple
+from freezesched.schedules._basic import Constant, WarmupThenFreeze
 
 __all__ = ["Layerwise", "Spacing"]
 
 Spacing = Literal["linear", "cubic"]
+_FROZEN = Constant(True)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,27 @@ class Layerwise(Schedule):
         ((True, False), (True, True))
     """
 
-    stages: tuple[Schedule, ...]
+    stages: tuple[BinarySchedule, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", _binary_tuple(self.stages, "stages"))
+        object.__setattr__(self, "stages", binary_tuple(self.stages, "stages"))
+
+    def _summary(self) -> str:
+        freeze_at = [
+            s.warmup for s in self.stages if isinstance(s, WarmupThenFreeze) and s.then == _FROZEN
+        ]
+        if len(freeze_at) == len(self.stages):
+            return f"Layerwise(freeze at {', '.join(map(str, freeze_at))})"
+        unfreeze_at = [
+            s.schedule.warmup
+            for s in self.stages
+            if isinstance(s, Not)
+            and isinstance(s.schedule, WarmupThenFreeze)
+            and s.schedule.then == _FROZEN
+        ]
+        if len(unfreeze_at) == len(self.stages):
+            return f"Layerwise(unfreeze at {', '.join(map(str, unfreeze_at))})"
+        return f"Layerwise({len(self.stages)} stages)"
 
     @property
     def num_stages(self) -> int:
@@ -98,7 +116,7 @@ class Layerwise(Schedule):
         if last < first:
             raise ValueError(f"last must be >= first, got first={first}, last={last}")
         if spacing not in ("linear", "cubic"):
-            raise ValueError(f"spacing must be 'linear' or 'cubic', got {_describe(spacing)}")
+            raise ValueError(f"spacing must be 'linear' or 'cubic', got {describe(spacing)}")
         power = 1 if spacing == "linear" else 3
         span = last - first
         ticks = [

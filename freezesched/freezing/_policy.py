@@ -1,0 +1,147 @@
+"""FreezePolicy: the one description of *how* to freeze, shared by every API.
+
+The guard, the controller, :func:`~freezesched.freeze` and every integration take a
+``policy=``; their keyword shortcuts (``bn=``, ``dropout=``, ``trainable=``,
+``on_unfreeze=``) only build or adjust one, through :func:`resolve_policy`, so the rules
+are validated in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from freezesched._validation import check_choice, describe
+from freezesched.freezing._optim import LRRamp
+
+__all__ = ["FreezePolicy", "ModePolicy", "OptimizerPolicy", "TrainableSpec", "resolve_policy"]
+
+ModePolicy = Literal["eval", "train"]
+OptimizerPolicy = Literal["keep", "reset"]
+TrainableSpec = str | type[nn.Module]
+
+_MODES = ("eval", "train")
+_OPTIMIZER_POLICIES = ("keep", "reset")
+
+
+@dataclass(frozen=True)
+class FreezePolicy:
+    """How a frozen module behaves; one immutable object accepted by every API.
+
+    Args:
+        bn: ``"eval"`` (default) runs BatchNorm/InstanceNorm layers of a frozen module in
+            eval mode during each of their forward calls, so their running statistics stay
+            bitwise unchanged whatever ``model.train()`` or a framework does meanwhile;
+            ``"train"`` leaves their mode alone, so the statistics keep updating.
+        dropout: ``"eval"`` (default) does the same for dropout-like layers
+            (``nn.Dropout*``, torchvision's ``StochasticDepth``, timm's ``DropPath``): a
+            frozen module is a deterministic feature extractor. ``"train"`` leaves them
+            alone (frozen features with dropout noise).
+        trainable: Exceptions that stay trainable inside a frozen module: glob patterns
+            (:func:`fnmatch.fnmatchcase`, ``*`` also matches dots) on qualified names
+            relative to the frozen module, and module types. A pattern matching a
+            submodule's name, or a type matching it, exempts that whole submodule
+            (parameters, buffers and mode); a pattern matching a parameter's name exempts
+            that parameter. Exempt parameters keep their own ``requires_grad``. Each entry
+            must match something.
+        on_unfreeze: What the controller does with the optimizer state (momentum, Adam
+            moments) of parameters when they unfreeze: ``"reset"`` (default) drops it,
+            so a parameter resumes as if new to the optimizer; ``"keep"`` reuses the
+            state from before the frozen phase (what the official DBF code does).
+        unfreeze_lr: An :class:`LRRamp`: after an unfreeze, the controller starts the
+            module's learning rate at a fraction of the optimizer's and ramps it back
+            (the usual recipe of Lightning's ``BackboneFinetuning``); ``None`` (default)
+            leaves learning rates alone.
+
+    Raises:
+        ValueError: an unknown mode or optimizer policy.
+        TypeError: ``trainable`` is not a sequence of patterns and module types.
+
+    Examples:
+        >>> FreezePolicy(bn="train", trainable=("*adapter*", nn.LayerNorm)).bn
+        'train'
+        >>> FreezePolicy().replace(on_unfreeze="keep").on_unfreeze
+        'keep'
+    """
+
+    bn: ModePolicy = "eval"
+    dropout: ModePolicy = "eval"
+    trainable: tuple[TrainableSpec, ...] = ()
+    on_unfreeze: OptimizerPolicy = "reset"
+    unfreeze_lr: LRRamp | None = None
+
+    def __post_init__(self) -> None:
+        if self.unfreeze_lr is not None and not isinstance(self.unfreeze_lr, LRRamp):
+            raise TypeError(
+                f"unfreeze_lr must be an LRRamp or None, got {describe(self.unfreeze_lr)}"
+            )
+        check_choice(self.bn, "bn", _MODES)
+        check_choice(self.dropout, "dropout", _MODES)
+        check_choice(self.on_unfreeze, "on_unfreeze", _OPTIMIZER_POLICIES)
+        given: object = self.trainable
+        if isinstance(given, str | type) or not isinstance(given, Iterable):
+            raise TypeError(
+                "trainable must be a sequence of name patterns and module types, "
+                f"got {describe(given)}"
+            )
+        specs = tuple(given)
+        for i, spec in enumerate(specs):
+            if isinstance(spec, str):
+                if not spec:
+                    raise ValueError(f"trainable[{i}] must be a non-empty pattern, got ''")
+                continue
+            if not (isinstance(spec, type) and issubclass(spec, nn.Module)):
+                raise TypeError(
+                    f"trainable[{i}] must be a name pattern (str) or an nn.Module subclass, "
+                    f"got {describe(spec)}"
+                )
+        object.__setattr__(self, "trainable", specs)
+
+    def replace(self, **changes: Any) -> FreezePolicy:
+        """A copy with some fields changed (validated like a new policy)."""
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_policy(
+    policy: FreezePolicy | Mapping[str, Any] | None = None, **shortcuts: Any
+) -> FreezePolicy:
+    """``policy`` (default: ``FreezePolicy()``) with the given shortcuts replacing fields.
+
+    Shortcuts whose value is ``None`` are not given. This is how every API turns its
+    ``policy=`` and keyword shortcuts into one validated policy. A plain dict (from a
+    config file) is read as the policy's fields, ``unfreeze_lr`` as an ``LRRamp``'s.
+
+    Raises:
+        TypeError: ``policy`` is not a :class:`FreezePolicy` or a mapping, or a field is
+            unknown.
+
+    Examples:
+        >>> resolve_policy(None, bn="train", dropout=None).bn
+        'train'
+        >>> resolve_policy({"on_unfreeze": "keep", "unfreeze_lr": {"start": 0.5}}).unfreeze_lr
+        LRRamp(start=0.5, ticks=5)
+    """
+    known = {f.name for f in dataclasses.fields(FreezePolicy)}
+    if policy is None:
+        policy = FreezePolicy()
+    elif isinstance(policy, Mapping):
+        unknown = sorted(set(policy) - known)
+        if unknown:
+            raise TypeError(f"policy has unknown fields {unknown}; known: {sorted(known)}")
+        fields = dict(policy)
+        if isinstance(fields.get("unfreeze_lr"), Mapping):
+            fields["unfreeze_lr"] = LRRamp(**fields["unfreeze_lr"])
+        if "trainable" in fields and isinstance(fields["trainable"], list):
+            fields["trainable"] = tuple(fields["trainable"])
+        policy = FreezePolicy(**fields)
+    elif not isinstance(policy, FreezePolicy):
+        raise TypeError(f"policy must be a FreezePolicy, a dict or None, got {describe(policy)}")
+    unknown = sorted(set(shortcuts) - known)
+    if unknown:
+        raise TypeError(f"unknown policy fields {unknown}; known: {sorted(known)}")
+    changes = {k: v for k, v in shortcuts.items() if v is not None}
+    return policy.replace(**changes) if changes else policy

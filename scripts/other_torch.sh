@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run the core tests on another torch: `min` (the oldest supported, pyproject's torch>=)
+# or `newest` (the newest this machine's package index has), each in its own venv
+# (./.venv-torch-min, ./.venv-torch-newest). Called by scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+which="${1:?usage: other_torch.sh min|newest}"
+PYTHON="${PYTHON:-python3}"
+venv=".venv-torch-$which"
+case "$which" in
+  min) minimum=$(sed -n 's/^ *"torch>=\([0-9.]*\)",$/\1/p' pyproject.toml); torch="torch==$minimum" ;;
+  newest) torch="torch" ;;
+  *) echo "usage: other_torch.sh min|newest" >&2; exit 2 ;;
+esac
+log="$venv.install.log"
+if [ ! -x "$venv/bin/python" ]; then
+  "$PYTHON" -m venv "$venv"
+fi
+echo "freezesched: installing $torch into $venv (log: $log)" >&2
+if ! { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade "$torch" \
+         numpy typing-extensions "pytest>=7.4" "hypothesis>=6.80" &&
+       "$venv/bin/python" -m pip install --disable-pip-version-check --no-deps -e .; } >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  exit 1
+fi
+"$venv/bin/python" -c "import torch; print(f'core tests on torch {torch.__version__} ($which)')"
+# The core: everything but the framework integrations, the CLI/demo and the benchmarks.
+"$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_schedules.py tests/test_guard.py tests/test_guard_adversarial.py \
+  tests/test_controller.py tests/test_first_hour.py tests/test_profiling_flops.py \
+  tests/test_profiling_run.py tests/test_profiling_memory.py tests/test_amp.py \
+  tests/test_ddp.py tests/test_architecture.py

@@ -1,0 +1,56 @@
+"""The restore invariant, asserted after every test: freezesched holds nothing, and every
+parameter it ever froze has the ``requires_grad`` it had before, with nothing of ours left
+on any module it touched."""
+
+from __future__ import annotations
+
+import signal
+import weakref
+
+import pytest
+import torch
+
+from freezesched.freezing import _mechanism
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "changes_flags: the test itself sets requires_grad after a freeze ended"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _restore_invariant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    original_flags: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
+    touched: list[weakref.ref[torch.nn.Module]] = []
+    acquire = _mechanism.Hold.acquire
+
+    def recording_acquire(self: _mechanism.Hold) -> None:
+        for param in self.plan.params:
+            if id(param) not in original_flags and not _mechanism.is_frozen(param):
+                original_flags[id(param)] = (weakref.ref(param), param.requires_grad)
+        touched.extend(weakref.ref(m) for m, _, _ in self.plan.watch)
+        touched.append(weakref.ref(self.plan.module))
+        acquire(self)
+
+    monkeypatch.setattr(_mechanism.Hold, "acquire", recording_acquire)
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    monkeypatch.undo()
+    assert not _mechanism._PARAMS, "a parameter is still held frozen after the test"
+    assert not _mechanism._WATCH, "a module is still watched after the test"
+    assert not _mechanism._CALLS and not _mechanism._STATIC, "a per-call pin was left open"
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    assert _mechanism._HOOK_KEY not in hooks, "the global forward hooks are still installed"
+    assert _mechanism._DEPTH == [0] and not _mechanism._PENDING and not _mechanism._PREVIOUS
+    assert signal.getsignal(signal.SIGINT) is handler, "the SIGINT handler was not restored"
+    if request.node.get_closest_marker("changes_flags") is None:
+        for ref, flag in original_flags.values():
+            param = ref()
+            if param is not None:
+                assert param.requires_grad is flag, "a parameter's requires_grad was not restored"
+    for ref in touched:
+        module = ref()
+        if module is not None:
+            left = [k for k in vars(module) if "freezesched" in k]
+            assert not left, f"freezesched left {left} on a {type(module).__name__}"
