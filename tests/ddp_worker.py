@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from freezesched import FreezeController, FrozenStageGuard, Step
+from freezesched.profiling import FlopAccountant
 
 
 def _flat(module: nn.Module, *, buffers: bool = True) -> torch.Tensor:
@@ -45,6 +46,7 @@ def run(rank: int, world: int, init_file: str, results: Any) -> None:
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
         ctrl = FreezeController(ddp, {"backbone": Step(2)}, optimizers=opt, on_unfreeze="reset")
         guard = FrozenStageGuard(Step(3))  # the neck, per step, toggling more often
+        acct = FlopAccountant(model)  # state found by looking; runs under DDP; own data
         steps, param_mismatches, buffer_mismatches, frozen_moved = 0, 0, 0, []
         for epoch in range(5):
             ctrl.apply(epoch)
@@ -52,7 +54,7 @@ def run(rank: int, world: int, init_file: str, results: Any) -> None:
             dist.broadcast_object_list(snapshot, src=0)
             for i in range(3):
                 x, y = batch(100 * rank + 10 * epoch + i)  # each rank its own data
-                with guard(model.neck, steps):
+                with guard(model.neck, steps), acct.step(batch_size=len(x)):
                     nn.functional.cross_entropy(ddp(x), y).backward()
                 opt.step()
                 opt.zero_grad()
@@ -69,7 +71,9 @@ def run(rank: int, world: int, init_file: str, results: Any) -> None:
         ctrl.release()
         results.put((rank, "ok", {"steps": steps, "param_mismatches": param_mismatches,
                                   "buffer_mismatches": buffer_mismatches,
-                                  "frozen_moved": frozen_moved, "refused": refused}))  # fmt: skip
+                                  "frozen_moved": frozen_moved, "refused": refused,
+                                  "mine": acct.totals().to_dict(),
+                                  "gathered": acct.gather().to_dict()}))  # fmt: skip
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:

@@ -5,7 +5,9 @@
         --work-dir work_dirs/retinanet_r50_dota/dbf_rho5
 
 Multi-GPU: `torchrun --nproc_per_node=N train.py ... --launcher pytorch` (freezing
-needs DDP's find_unused_parameters=True; this script sets it). Everything else is
+needs DDP's find_unused_parameters=True; this script sets it). The batch is the paper's
+total, 8 images, on any number of GPUs: each of N GPUs takes 8/N, and the learning rate
+stays the paper's 0.005 (N must divide 8). Both are printed at start. Everything else is
 MMEngine's Runner with the config; no MMDetection/MMRotate source is patched.
 """
 
@@ -36,9 +38,15 @@ def build_config(
     work_dir: str | None = None,
     resume_from: str | None = None,
     launcher: str = "none",
+    world_size: int | None = None,
     options: dict | None = None,
 ) -> Config:
-    """The detector config with the policy merged in and the run's settings applied."""
+    """The detector config with the policy merged in and the run's settings applied.
+
+    The config's ``train_dataloader.batch_size`` is the paper's *total* batch; on
+    ``world_size`` processes (default: ``$WORLD_SIZE`` under a launcher, else 1) each takes
+    an equal share and the learning rate is left as configured.
+    """
     cfg = Config.fromfile(detector)
     cfg.merge_from_dict(Config.fromfile(policy).to_dict())
     cfg.train_cfg.max_epochs = epochs
@@ -71,9 +79,32 @@ def build_config(
     if launcher != "none":
         # Frozen parameters produce no gradient; DDP must be told (the hook checks).
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", find_unused_parameters=True)
-    if options:
+    if options:  # before the split: train_dataloader.batch_size=... sets the total
         cfg.merge_from_dict(options)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if launcher != "none" else 1
+    total = cfg.train_dataloader.batch_size
+    if world_size < 1 or total % world_size:
+        raise ValueError(
+            f"the paper's total batch of {total} images cannot be split evenly over "
+            f"{world_size} processes; use a number of GPUs that divides {total}"
+        )
+    cfg.train_dataloader.batch_size = total // world_size
+    cfg.total_batch = total
     return cfg
+
+
+def batch_rule(cfg: Config) -> str:
+    """The batch and learning rate a run trains with, in one line."""
+    per_gpu, total = cfg.train_dataloader.batch_size, cfg.total_batch
+    lr = cfg.optim_wrapper.optimizer.lr
+    batch_note = "the paper's" if total == 8 else "the paper trained with 8"
+    lr_note = "the paper's" if lr == 0.005 else "the paper's is 0.005"
+    return (
+        f"batch: {total // per_gpu} process(es) x {per_gpu} images = {total} images per "
+        f"step ({batch_note}, on one GPU); lr {lr:g} ({lr_note}; not rescaled with the "
+        "number of GPUs)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> Runner:
@@ -97,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> Runner:
         work_dir=args.work_dir, resume_from=args.resume_from, launcher=args.launcher,
         options=args.cfg_options,
     )  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":
+        print(batch_rule(cfg), flush=True)
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner

@@ -239,7 +239,8 @@ _OUTER_PRODUCT_NODES = {
 }
 
 #: Ops that cost nothing worth counting by convention, besides those tagged pointwise,
-#: reduction or view. Matched on the op's base name.
+#: reduction or view: memory movement (nearest-neighbour upsampling is a gather),
+#: normalization, pooling, elementwise losses. Matched on the op's base name.
 # fmt: off
 _NEGLIGIBLE = frozenset((
     "_softmax", "softmax", "_log_softmax", "log_softmax", "_softmax_backward_data",
@@ -279,7 +280,17 @@ _NEGLIGIBLE = frozenset((
     "_foreach_lerp", "_foreach_mul_", "_foreach_add_", "_foreach_addcmul_",
     "_foreach_addcdiv_", "_foreach_sqrt_", "_foreach_div_", "_foreach_lerp_",
     "_foreach_norm", "_fused_adam_", "_fused_adamw_", "_fused_sgd_", "threshold_backward",
+    "new_full", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+    "upsample_nearest1d_backward", "upsample_nearest2d_backward",
+    "upsample_nearest3d_backward", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "_upsample_nearest_exact1d_backward",
+    "_upsample_nearest_exact2d_backward", "_upsample_nearest_exact3d_backward",
+    "binary_cross_entropy", "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits", "mse_loss", "mse_loss_backward", "l1_loss",
+    "smooth_l1_loss", "smooth_l1_loss_backward", "huber_loss", "huber_loss_backward",
 ))
+#: Namespaces of ops that never compute (profiler markers, prim.device and friends).
+_NEGLIGIBLE_NAMESPACES = frozenset(("profiler", "prim"))
 # fmt: on
 _QUIET_TAGS = tuple(
     getattr(torch.Tag, name)
@@ -292,6 +303,8 @@ def _negligible(func: Any) -> bool:
     packet = getattr(func, "overloadpacket", func)
     name = getattr(packet, "__name__", str(packet))
     if name in _NEGLIGIBLE or name.rstrip("_") in _NEGLIGIBLE:
+        return True
+    if getattr(func, "namespace", None) in _NEGLIGIBLE_NAMESPACES:
         return True
     tags = getattr(func, "tags", ())
     if any(tag in tags for tag in _QUIET_TAGS):

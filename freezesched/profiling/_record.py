@@ -324,11 +324,14 @@ class RunCost:
 
     @classmethod
     def combine(cls, runs: Sequence[RunCost], *, rtol: float = 0.0) -> RunCost:
-        """One record for the same run on several processes (ranks): samples and steps add.
+        """One record for the same run on several processes (ranks) that step together.
 
-        Per-sample costs of a phase must agree across ranks (within ``rtol``, then they
-        are averaged weighted by samples); the step time of a phase is the slowest rank's
-        (ranks wait for each other), memory the largest.
+        Samples add up (each rank trains its own). Steps do not: the ranks of a data-
+        parallel run take each step together, so a phase's steps are the most any rank
+        took, and its step time is the slowest rank's (ranks wait for each other); the
+        run's wall time is then one rank's, not the sum. Per-sample costs of a phase must
+        agree across ranks (within ``rtol``, then they are averaged weighted by samples);
+        memory is the largest rank's.
 
         Raises:
             ValueError: no runs, or ranks disagree on a phase's per-sample cost.
@@ -346,7 +349,7 @@ class RunCost:
             merged.append(
                 PhaseCost(
                     frozen_modules=key,
-                    steps=sum(p.steps for p in parts),
+                    steps=max(p.steps for p in parts),
                     samples=sum(p.samples for p in parts),
                     cost=cost,
                     ticks=parts[0].ticks,
@@ -362,7 +365,10 @@ class RunCost:
                     ),
                 )
             )
-        fulls = [r.full_training for r in runs if r.full_training is not None]
+        # The baseline is the merged full-training phase where there is one (averaged
+        # over ranks like every phase), else what the ranks were given.
+        fulls = [m.cost for m in merged if m.frozen_modules == () and m.cost is not None]
+        fulls += [r.full_training for r in runs if r.full_training is not None]
         uncounted: dict[str, int] = {}
         for run in runs:
             for op, n in run.uncounted.items():

@@ -14,4 +14,8 @@ val_dataloader = {{_base_.dior_r.val_dataloader}}
 test_dataloader = val_dataloader
 val_evaluator = {{_base_.dior_r.val_evaluator}}
 test_evaluator = val_evaluator
-model = dict(roi_head=dict(bbox_head=dict(num_classes={{_base_.dior_r.num_classes}})))
+default_hooks = dict(checkpoint={{_base_.paper.checkpoint}})
+model = dict(
+    backbone={{_base_.paper.resnet}},
+    roi_head=dict(bbox_head=dict(num_classes={{_base_.dior_r.num_classes}})),
+)

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 
+import pytest
 import run_table2
 
 
@@ -14,7 +15,7 @@ def test_dry_run_prints_a_command_and_projection_per_run(capsys):
                             "--datasets", "dior-r"]) == 0  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
     commands = [shlex.split(x) for x in lines if not x.startswith("#")]
-    notes = [x for x in lines if x.startswith("#")]
+    notes = [x for x in lines if x.startswith("# retinanet_r50_dior-r")]
     assert len(commands) == len(notes) == 6
     dbf5 = commands[3]
     i = dbf5.index("--epochs")
@@ -26,33 +27,116 @@ def test_dry_run_prints_a_command_and_projection_per_run(capsys):
     assert projected[0] == 0 and projected[1] < projected[5] < projected[4] < projected[3] < 0
 
 
-def test_grid_resumes_and_writes_tables(tmp_path, capsys):
-    calls = []
+def accounting(epochs: range, measured: float, seconds: float, *, frozen: bool) -> dict:
+    """What dbf_accounting.py writes, for a run over ``epochs`` (1e15 FLOPs units)."""
+    per_epoch = [
+        {"epoch": e, "seconds": seconds, "samples": {"backbone" if frozen else "": 4},
+         "flops_measured": measured * 1e15, "flops_2x": 0, "delta_flops_2x": 0}
+        for e in epochs
+    ]  # fmt: skip
+    return {
+        "run": {
+            "totals": {
+                "samples": 4 * len(epochs),
+                "flops_measured": measured * 1e15 * len(epochs),
+                "delta_flops_2x": -5e15 * len(epochs) if frozen else 0,
+            },
+            "phases": [{"peak_cuda_bytes": 2**31}],
+        },
+        "epochs": per_epoch,
+        "first_epoch": epochs[0],
+        "end_epoch": epochs[-1] + 1,
+        "world_size": 2,
+        "batch_per_gpu": 4,
+        "map": {
+            "last": {"epoch": epochs[-1] + 1, "value": 60.0 if frozen else 62.0},
+            "best": {"epoch": epochs[0] + 1, "value": 61.5 if frozen else 62.5},
+        },
+        "never_trained": ["backbone.conv1", "backbone.bn1", "backbone.layer1"],
+    }
 
-    def fake_train(command):
+
+def fake_trainer(calls: list, epochs: int):
+    def train(command):
         calls.append(command)
         work_dir = command[command.index("--work-dir") + 1]
+        os.makedirs(work_dir)
+        first = 0
+        if "--resume-from" in command:  # continued from the full run's epoch_<warmup>.pth
+            ckpt = command[command.index("--resume-from") + 1]
+            first = int(os.path.basename(ckpt).removeprefix("epoch_").removesuffix(".pth"))
         frozen = "full" not in work_dir
-        os.makedirs(os.path.join(work_dir, "run", "vis_data"))
-        with open(os.path.join(work_dir, "run", "vis_data", "scalars.json"), "w") as f:
-            f.write(json.dumps({"dota/mAP": 0.6 if frozen else 0.62, "step": 1}) + "\n")
+        record = accounting(range(first, epochs), 6 if frozen else 10, 30 if frozen else 60,
+                            frozen=frozen)  # fmt: skip
         with open(os.path.join(work_dir, "freezesched_accounting.json"), "w") as f:
-            json.dump({"flops_paper": 1, "delta_flops_paper": -2e15 if frozen else 0,
-                       "flops_measured": 5e15 if frozen else 8e15,
-                       "states": [{"peak_cuda_bytes": [2**31]}]}, f)  # fmt: skip
+            json.dump(record, f)
+        if not frozen:
+            open(os.path.join(work_dir, "epoch_50.pth"), "w").close()
         return 0
 
+    return train
+
+
+def rows(table: str) -> list[dict[str, str]]:
+    lines = [x for x in table.splitlines() if x.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in x.strip("|").split("|")), strict=True))
+            for x in lines[2:]]  # fmt: skip
+
+
+def test_grid_resumes_and_writes_tables(tmp_path, capsys):
+    calls = []
     argv = ["--detectors", "fcos", "--backbones", "r50", "--datasets", "dota",
             "--policies", "full", "dbf_rho5",
             "--work-root", str(tmp_path / "w"), "--out", str(tmp_path / "o")]  # fmt: skip
-    assert run_table2.main(argv, runner=fake_train) == 0
+    assert run_table2.main(argv, runner=fake_trainer(calls, 400)) == 0
     assert len(calls) == 2
-    table = (tmp_path / "o" / "table2.md").read_text()
-    assert "| dota | fcos | r50 | dbf_rho5 | 60.0 | 68.8 | -2000 | -3000 | -1872541 |" in table
-    assert "peak GiB" in (tmp_path / "o" / "table3.md").read_text()
-    assert run_table2.main(argv, runner=fake_train) == 0  # everything done: nothing re-run
+    table = rows((tmp_path / "o" / "table2.md").read_text())
+    dbf = table[1]
+    assert dbf["policy"] == "dbf_rho5" and dbf["mAP last"] == "60.0"
+    assert dbf["mAP best (epoch)"] == "61.50 (1)" and dbf["mAP (paper)"] == "68.8"
+    assert dbf["epochs"] == "0-400" and dbf["ΔTFLOPs 2x conv."] == "-2000000"
+    assert dbf["ΔTFLOPs measured"] == str(round(400 * (6 - 10) * 1e15 / 1e12))
+    assert dbf["measured / 2x"] == "0.8" and dbf["batch"] == "2x4"
+    text = (tmp_path / "o" / "table2.md").read_text()
+    assert "frozen_stages=1" in text and "backbone.layer1" in text and "best epoch" in text
+    timing = rows((tmp_path / "o" / "table3.md").read_text())
+    assert timing[1]["time (min)"] == "200.0" and timing[1]["ΔT (min)"] == "-200.0"
+    assert run_table2.main(argv, runner=fake_trainer(calls, 400)) == 0  # all done: no re-run
     assert len(calls) == 2
     assert "done, skipped" in capsys.readouterr().out
+
+
+def test_a_continued_run_is_compared_over_the_same_epochs(tmp_path):
+    # The full run trains 0-400; DBF continues from its epoch-50 checkpoint and trains
+    # 50-400 itself. ΔF and ΔT are over the whole protocol, warm-up included once.
+    calls = []
+    argv = ["--detectors", "fcos", "--backbones", "r50", "--datasets", "dota",
+            "--policies", "full", "dbf_rho5", "--continue-from-full",
+            "--work-root", str(tmp_path / "w"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert run_table2.main(argv, runner=fake_trainer(calls, 400)) == 0
+    assert "--resume-from" in calls[1]
+    dbf = rows((tmp_path / "o" / "table2.md").read_text())[1]
+    assert dbf["epochs"] == "0-50 (full run) + 50-400"
+    # 350 own epochs at 6 against the full run's same 350 at 10 (not all 400 of them).
+    assert dbf["ΔTFLOPs measured"] == str(round(350 * (6 - 10) * 1e15 / 1e12))
+    timing = rows((tmp_path / "o" / "table3.md").read_text())[1]
+    # 50 warm-up epochs of the full run (60 s) + 350 own (30 s), against 400 x 60 s.
+    assert timing["time (min)"] == str(round((50 * 60 + 350 * 30) / 60, 1))
+    assert timing["ΔT (min)"] == str(round(350 * (30 - 60) / 60, 1))
+
+
+def test_gpus_keep_the_papers_total_batch(capsys):
+    argv = ["--dry-run", "--detectors", "retinanet", "--backbones", "r50",
+            "--datasets", "dior-r", "--policies", "full"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_table2.main([*argv, "--gpus", "3"])
+    assert "--gpus must divide the paper's total batch of 8, got 3" in capsys.readouterr().err
+    assert run_table2.main([*argv, "--gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 GPU(s) x 2 images = 8 per step, lr 0.005" in out
+    assert "torchrun --nproc_per_node=4" in out
+    assert "5,862 training samples per epoch" in out and "11,725" in out and "23,463" in out
 
 
 def test_data_check_counts_against_the_expected_numbers(tmp_path, capsys):

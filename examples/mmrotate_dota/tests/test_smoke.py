@@ -9,80 +9,24 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 from mmengine.hooks import Hook
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 from mmrotate.registry import MODELS
-from train import build_config  # the example's train.py (conftest.py puts it on sys.path)
+from synthetic import make_dota, tiny
+from train import (
+    batch_rule,
+    build_config,
+)  # the example's train.py (conftest.py puts it on sys.path)
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent
 DETECTORS = sorted((EXAMPLE / "configs").glob("*.py"))
 POLICIES = sorted((EXAMPLE / "configs" / "policies").glob("*.py"))
-CLASSES = ("plane", "ship", "storage-tank")
-SIZE = 64
-
-
-def make_dota(root: Path, split: str, images: int, seed: int) -> None:
-    """Images with filled rotated rectangles and DOTA v1.0 txt annotations."""
-    rng = np.random.default_rng(seed)
-    (root / split / "images").mkdir(parents=True)
-    (root / split / "annfiles").mkdir(parents=True)
-    for i in range(images):
-        image = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
-        lines = []
-        for _ in range(3):
-            cx, cy = rng.uniform(16, SIZE - 16, 2)
-            w, h = rng.uniform(10, 24), rng.uniform(6, 14)
-            angle = rng.uniform(-90, 90)
-            corners = cv2.boxPoints(((cx, cy), (w, h), angle))
-            label = int(rng.integers(len(CLASSES)))
-            cv2.fillPoly(image, [corners.astype(np.int32)], (80 + 60 * label, 200, 120))
-            coords = " ".join(f"{v:.1f}" for v in corners.reshape(-1))
-            lines.append(f"{coords} {CLASSES[label]} 0")
-        cv2.imwrite(str(root / split / "images" / f"P{i:04d}.png"), image)
-        (root / split / "annfiles" / f"P{i:04d}.txt").write_text("\n".join(lines) + "\n")
-
-
-def tiny(cfg, data_root: Path, work_dir: Path):
-    """Size overrides: synthetic data, 64x64, batch 2, no pretrained weights, no checkpoints."""
-    cfg.work_dir = str(work_dir)
-    cfg.model.backbone.init_cfg = None
-    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        loader = cfg[name]
-        split = "train" if name == "train_dataloader" else "val"
-        loader.update(batch_size=2, num_workers=0, persistent_workers=False)
-        dataset = dict(
-            type="DOTADataset", data_root=str(data_root), ann_file=f"{split}/annfiles/",
-            data_prefix=dict(img_path=f"{split}/images/"), metainfo=dict(classes=CLASSES),
-            pipeline=loader.dataset.pipeline,
-        )  # fmt: skip
-        if split == "train":
-            dataset["filter_cfg"] = dict(filter_empty_gt=True)
-        else:
-            dataset["test_mode"] = True
-        loader.dataset = dataset
-        for step in loader.dataset.pipeline:
-            if step["type"] == "mmdet.Resize":
-                step["scale"] = (SIZE, SIZE)
-    head = cfg.model.get("bbox_head") or cfg.model.roi_head.bbox_head
-    head.num_classes = len(CLASSES)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=100, save_last=False)
-    cfg.train_cfg.val_interval = cfg.train_cfg.max_epochs
-    # MMEngine keeps one visualizer per name per process; a fresh name per run keeps each
-    # run's scalars in its own work_dir.
-    cfg.visualizer.name = f"visualizer-{uuid.uuid4().hex}"
-    cfg.env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo"),
-                       mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))  # fmt: skip
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +92,31 @@ def test_trains_across_freeze_switches_and_evaluates(family, data_root, tmp_path
     # The run was accounted by freezesched's profiler: a frozen step costs less, and the
     # paper's ΔF is -2 x backbone forward x frozen samples (negative).
     record = json.loads((Path(cfg.work_dir) / "freezesched_accounting.json").read_text())
-    cost = {s["frozen"]: s["flops_per_sample"] for s in record["states"]}
-    assert 0 < cost[True] < cost[False]
-    assert record["delta_flops_paper"] < 0 and record["delta_flops_measured"] < 0
+    run = record["run"]
+    cost = {tuple(p["frozen_modules"]): p["cost"]["flops"] for p in run["phases"]}
+    total = {k: c["forward"] + c["weight_grad"] + c["input_grad"] for k, c in cost.items()}
+    assert 0 < total[("backbone",)] < total[()]
+    # Only backward is saved (Faster R-CNN's RoI head sees a data-dependent number of
+    # proposals, so its forward varies a little from step to step).
+    assert cost[("backbone",)]["forward"] == pytest.approx(cost[()]["forward"], rel=0.05)
+    totals = run["totals"]
+    assert totals["delta_flops_2x"] < 0 and totals["delta_flops_measured"] < 0
+    # frozen_stages=1 (the paper's code): the stem and first stage never train, so a
+    # frozen epoch saves less than the 2x convention credits.
+    assert record["never_trained"] == ["backbone.conv1", "backbone.bn1", "backbone.layer1"]
+    if family == "retinanet":  # (Faster R-CNN's ΔF also holds its RoI head's variation)
+        assert 0.5 < totals["delta_flops_measured"] / totals["delta_flops_2x"] < 1
+    # Per epoch (trainable, frozen, trainable), adding up to the run's totals.
+    epochs = record["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and record["first_epoch"] == 0
+    assert [list(e["samples"]) for e in epochs] == [[""], ["backbone"], [""]]
+    assert sum(e["flops_measured"] for e in epochs) == totals["flops_measured"]
+    assert epochs[1]["flops_measured"] < epochs[0]["flops_measured"] == epochs[2]["flops_measured"]
+    assert sum(e["delta_flops_2x"] for e in epochs) == totals["delta_flops_2x"]
+    # mAP: the last evaluation and the best, each with the epochs trained before it.
+    assert record["map"]["last"] == record["map"]["best"]
+    assert record["map"]["last"]["epoch"] == 3
+    assert record["map"]["last"]["value"] == pytest.approx(100 * metrics[0]["dota/mAP"])
 
 
 def test_dbf_continues_a_finished_full_training_run(data_root, tmp_path):
@@ -172,6 +138,33 @@ def test_dbf_continues_a_finished_full_training_run(data_root, tmp_path):
     # Epochs 1 and 2 of (rho=1 for 1 epoch ->) rho=2: trainable, then frozen.
     assert watch.logged == [0.0, 1.0]
     assert watch.changed == [True, False]
+
+
+def test_the_papers_setting_is_explicit_in_every_config():
+    for detector in DETECTORS:
+        backbone = build_config(str(detector), str(POLICIES[0]), epochs=1).model.backbone
+        if "r50" in detector.stem:  # what the paper's code trained (unique-chan/DBF)
+            assert (backbone.frozen_stages, backbone.norm_eval) == (1, True), detector.stem
+        else:
+            assert backbone.type == "mmdet.SwinTransformer" and "frozen_stages" not in backbone
+
+
+def test_the_papers_total_batch_is_split_over_the_gpus(capsys):
+    detector = str(EXAMPLE / "configs" / "retinanet_r50_dior-r.py")
+    policy = str(EXAMPLE / "configs" / "policies" / "dbf.py")
+    one = build_config(detector, policy, epochs=1)
+    four = build_config(detector, policy, epochs=1, launcher="pytorch", world_size=4)
+    assert one.train_dataloader.batch_size == 8 and four.train_dataloader.batch_size == 2
+    assert one.optim_wrapper.optimizer.lr == four.optim_wrapper.optimizer.lr == 0.005
+    assert four.model_wrapper_cfg.find_unused_parameters is True
+    assert batch_rule(four).startswith("batch: 4 process(es) x 2 images = 8 images per step")
+    assert "lr 0.005 (the paper's; not rescaled" in batch_rule(four)
+    with pytest.raises(ValueError, match="total batch of 8 images cannot be split evenly over 3"):
+        build_config(detector, policy, epochs=1, launcher="pytorch", world_size=3)
+    # A --cfg-options batch size is the total too.
+    opts = {"train_dataloader.batch_size": 4}
+    two = build_config(detector, policy, epochs=1, launcher="pytorch", world_size=2, options=opts)
+    assert two.train_dataloader.batch_size == 2 and two.total_batch == 4
 
 
 def test_warmup_and_rho_are_refused_for_policies_without_them(tmp_path):
