@@ -42,3 +42,62 @@ class ResNet18Detector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.down(x))
+
+
+class ResNet50FPN(nn.Module):
+    """ResNet-50 backbone (torchvision's layout: 3-4-6-3 bottlenecks) + FPN + a light head."""
+
+    def __init__(self, classes: int = 15) -> None:
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                             nn.MaxPool2d(3, 2, 1))  # fmt: skip
+        stages, cin = [], 64
+        for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+            layers = [Bottleneck(cin, width, stride)]
+            layers += [Bottleneck(4 * width, width, 1) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*layers))
+            cin = 4 * width
+        self.backbone = nn.ModuleDict(
+            {"stem": stem, **{f"layer{i + 1}": s for i, s in enumerate(stages)}}
+        )
+        channels = [256, 512, 1024, 2048]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, 256, 1) for c in channels)
+        self.output = nn.ModuleList(nn.Conv2d(256, 256, 3, padding=1) for _ in channels)
+        self.head = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(256, classes + 5, 1))  # fmt: skip
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.backbone["stem"](x)
+        feats = []
+        for i in range(1, 5):
+            x = self.backbone[f"layer{i}"](x)
+            feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.features(x)
+        laterals = [lat(f) for lat, f in zip(self.lateral, feats, strict=True)]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + nn.functional.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
+        return [self.head(out(p)) for out, p in zip(self.output, laterals, strict=True)]

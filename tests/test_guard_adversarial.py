@@ -361,29 +361,96 @@ def test_a_warning_turned_into_an_error_during_exit_does_not_abort_the_restore()
 
 
 #: The steps that change what is held, entering and exiting: where a real error (or a
-#: Ctrl-C, whose Python handler runs at the next call) can arise.
+#: Ctrl-C, whose Python handler runs at the next call) can arise. Per parameter and per
+#: watched module the failure comes right after the k-th one was changed (injected
+#: through the registry entry the plan made for it); the hooks are synced as a whole.
 _STEPS = [
-    ("enter", _mechanism.Hold, "_hold_param"),
-    ("enter", _mechanism.Hold, "_watch"),
-    ("enter", _mechanism, "_sync_hooks"),
-    ("exit", _mechanism.Hold, "_release_param"),
-    ("exit", _mechanism.Hold, "_unwatch"),
-    ("exit", _mechanism, "_sync_hooks"),
+    ("enter", "param"),
+    ("enter", "watch"),
+    ("enter", "sync"),
+    ("exit", "param"),
+    ("exit", "watch"),
+    ("exit", "sync"),
 ]
 
 
-def _failing_at(owner, name: str, k: int, failure):
-    """Patch ``owner.name`` to run ``failure()`` right after its k-th call (once)."""
-    original = getattr(owner, name)
+class _FailingHolders(set):
+    """A parameter record's holders, failing right after one change."""
+
+    def __init__(self, failure, when: str) -> None:
+        super().__init__()
+        self.failure, self.when = failure, when
+
+    def add(self, key) -> None:
+        super().add(key)
+        if self.when == "enter":
+            self.failure()
+
+    def discard(self, key) -> None:
+        super().discard(key)
+        if self.when == "exit":
+            self.failure()
+
+    def clear(self) -> None:  # releasing a hold that was alone releases all at once
+        held = bool(self)
+        super().clear()
+        if held and self.when == "exit":
+            self.failure()
+
+
+class _FailingWatchers(dict):
+    """A watched module's holders, failing right after one change."""
+
+    def __init__(self, failure, when: str) -> None:
+        super().__init__()
+        self.failure, self.when = failure, when
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if self.when == "enter":
+            self.failure()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        if self.when == "exit":
+            self.failure()
+
+    def clear(self) -> None:
+        held = bool(self)
+        super().clear()
+        if held and self.when == "exit":
+            self.failure()
+
+
+def _inject(region, where: str, what: str, k: int, failure) -> bool:
+    """Make the k-th change of ``what`` fail; False if there are fewer than k."""
+    plans = region.plans()
+    if what == "sync":
+        return False
+    if what == "param":
+        entries = [record for plan in plans for _, record in plan.records()]
+        if k > len(entries):
+            return False
+        entries[k - 1].holders = _FailingHolders(failure, where)
+    else:
+        entries = [entry for plan in plans for *_, entry in plan.watches()]
+        if k > len(entries):
+            return False
+        entries[k - 1].holders = _FailingWatchers(failure, where)
+    return True
+
+
+def _failing_sync(k: int, failure):
+    """``_sync_hooks`` running ``failure()`` right after its k-th call (once)."""
+    original = _mechanism._sync_hooks
     calls = 0
 
-    def step(*args, **kwargs):
+    def step() -> None:
         nonlocal calls
-        result = original(*args, **kwargs)
+        original()
         calls += 1
         if calls == k:
             failure()
-        return result
 
     return original, step
 
@@ -397,25 +464,30 @@ def _ctrl_c() -> None:
 
 
 @pytest.mark.parametrize("failure", [_error, _ctrl_c], ids=["error", "ctrl-c"])
-@pytest.mark.parametrize("step", _STEPS, ids=[f"{w}-{name}" for w, _, name in _STEPS])
+@pytest.mark.parametrize("step", _STEPS, ids=[f"{w}-{what}" for w, what in _STEPS])
 def test_an_interruption_in_any_step_leaves_the_model_consistent(step, failure):
-    where, owner, name = step
+    where, what = step
     model = make_net(adapter=True)
     model.train()
     before = flags(model)
-    guard = FrozenStageGuard(Constant(True), trainable=["*adapter*"])
     interrupted = 0
     for k in range(1, 40):
-        original, patched = _failing_at(owner, name, k, failure)
+        # A new guard each time: a new plan, whose registry entries carry the injection.
+        guard = FrozenStageGuard(Constant(True), trainable=["*adapter*"])
         region = guard(model.backbone, 0)
+        if what != "sync" and not _inject(region, where, what, k, failure):
+            break
+        original, patched = _failing_sync(k, failure) if what == "sync" else (None, None)
         try:
             if where == "exit":
                 region.__enter__()
-            setattr(owner, name, patched)
+            if patched is not None:
+                _mechanism._sync_hooks = patched
             try:
                 region.__enter__() if where == "enter" else region.__exit__(None, None, None)
             finally:
-                setattr(owner, name, original)
+                if original is not None:
+                    _mechanism._sync_hooks = original
         except (RuntimeError, KeyboardInterrupt):
             interrupted += 1
         else:
@@ -423,7 +495,7 @@ def test_an_interruption_in_any_step_leaves_the_model_consistent(step, failure):
                 region.__exit__(None, None, None)
         # An interrupted __enter__ is never exited by `with`; an interrupted __exit__ must
         # finish restoring before the interruption propagates.
-        assert flags(model) == before, f"{name}: interruption after call {k} left a change"
+        assert flags(model) == before, f"{what}: interruption after change {k} left a change"
         assert not any(is_frozen(p) for p in model.parameters()), k
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert interrupted > 0

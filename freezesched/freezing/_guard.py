@@ -10,6 +10,7 @@ from typing_extensions import Self
 
 from freezesched.freezing._mechanism import (
     _DEPTH,
+    CachedPlan,
     Hold,
     Plan,
     check_patterns_matched,
@@ -43,10 +44,12 @@ class FrozenRegion:
         stages: tuple[tuple[nn.Module, ...], ...],
         frozen: tuple[bool, ...],
         policy: FreezePolicy,
+        plan_cache: PlanCache | None = None,
     ) -> None:
         self.stages = stages
         self.frozen = frozen
         self.policy = policy
+        self._cache = plan_cache
         self._holds: list[Hold] | None = None
 
     @property
@@ -67,9 +70,16 @@ class FrozenRegion:
                 uninitialized lazy one, or a shared module is trainable under one name
                 and frozen under another.
         """
-        plans = [plan_freeze(m, self.policy) for m in self.frozen_modules]
+        modules = self.frozen_modules
+        if self._cache is not None:
+            plans = self._cache.get(modules)
+            if plans is not None:
+                return plans
+        plans = [plan_freeze(m, self.policy) for m in modules]
         if plans:
             check_patterns_matched(self.policy, plans, "the frozen modules")
+        if self._cache is not None:
+            self._cache.put(modules, plans)
         return plans
 
     @critical
@@ -121,6 +131,39 @@ class FrozenRegion:
         finally:
             _DEPTH[0] -= added
             deliver_interrupt()
+
+
+class PlanCache:
+    """A guard's plans for the module trees it froze last, reused while a tree is unchanged.
+
+    Planning walks the whole tree and was most of a guarded step's overhead; a cached
+    plan is checked against the tree instead (:meth:`CachedPlan.revive`). Plans are kept
+    without references to the models, so a guard keeps no model alive.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._plans: dict[tuple[int, ...], list[CachedPlan]] = {}
+
+    def get(self, modules: tuple[nn.Module, ...]) -> list[Plan] | None:
+        key = tuple(map(id, modules))
+        cached = self._plans.get(key)
+        if cached is None:
+            return None
+        plans = [c.revive() for c in cached]
+        if all(p is not None and p.module is m for p, m in zip(plans, modules, strict=True)):
+            self._plans[key] = self._plans.pop(key)  # most recently used last
+            return plans  # type: ignore[return-value]
+        del self._plans[key]
+        return None
+
+    def put(self, modules: tuple[nn.Module, ...], plans: list[Plan]) -> None:
+        cached = [plan.cached() for plan in plans]
+        if any(c is None for c in cached):
+            return
+        self._plans[tuple(map(id, modules))] = cached  # type: ignore[assignment]
+        while len(self._plans) > self.size:
+            del self._plans[next(iter(self._plans))]
 
 
 def _release_all(holds: list[Hold]) -> None:
@@ -222,6 +265,7 @@ class FrozenStageGuard:
     ) -> None:
         self.schedule = check_schedule(schedule)
         self.policy = _policy(policy, bn, dropout, trainable)
+        self._plans = PlanCache()
         self.modules = None if modules is None else parse_stages(modules, "modules")
         stages = num_stages(self.schedule)
         if self.modules is not None and stages not in (None, 1, len(self.modules)):
@@ -268,7 +312,9 @@ class FrozenStageGuard:
             stages = resolve_stages(self.modules, target)
         else:
             stages = resolve_stages(parse_stages(target, "target"), None, "target")
-        return FrozenRegion(stages, evaluate(self.schedule, tick, len(stages)), self.policy)
+        return FrozenRegion(
+            stages, evaluate(self.schedule, tick, len(stages)), self.policy, self._plans
+        )
 
 
 def freeze(

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib
 import itertools
+import operator
 import signal
 import sys
 import threading
@@ -159,6 +161,175 @@ class Plan:
     slots: list[tuple[nn.Module, str, nn.Parameter]]
     matched: set[int]
     names: dict[int, str] = field(repr=False)
+    signature: _Signature | None = field(default=None, repr=False)
+
+    _records: list[tuple[nn.Parameter, _ParamRecord]] | None = field(default=None, repr=False)
+    _watches: list[tuple[nn.Module, int, str, _Watch]] | None = field(default=None, repr=False)
+    _slot_check: tuple[tuple[Any, ...], tuple[str, ...], tuple[Any, ...]] | None = field(
+        default=None, repr=False
+    )
+
+    def cached(self) -> CachedPlan | None:
+        """This plan without strong references, for reuse; ``None`` if not cacheable."""
+        return None if self.signature is None else CachedPlan(self, self.signature)
+
+    @functools.cached_property
+    def param_ids(self) -> tuple[int, ...]:
+        """``id`` of each frozen parameter, in :attr:`params` order."""
+        return tuple(map(id, self.params))
+
+    @functools.cached_property
+    def watch_ids(self) -> tuple[int, ...]:
+        """``id`` of each watched module."""
+        return tuple(id(m) for m, _, _ in self.watch)
+
+    def records(self) -> list[tuple[nn.Parameter, _ParamRecord]]:
+        """One registry record per frozen parameter, made once and reused by each hold."""
+        if self._records is None:
+            self._records = [
+                (p, _ParamRecord(weakref.ref(p, _forget_param(id(p))), p.requires_grad))
+                for p in self.params
+            ]
+        return self._records
+
+    def watches(self) -> list[tuple[nn.Module, int, str, _Watch]]:
+        """:attr:`watch` with one registry entry per module, made once and reused."""
+        if self._watches is None:
+            self._watches = [(m, k, n, _Watch(m, n)) for m, k, n in self.watch]
+        return self._watches
+
+    def slots_unchanged(self) -> bool:
+        """Whether every frozen parameter is still in its place (a few C-level passes)."""
+        if self._slot_check is None:
+            owners = tuple(owner._parameters for owner, _, _ in self.slots)
+            if not all(type(d) is dict for d in owners):  # TorchScript wrappers
+                return False
+            self._slot_check = (
+                owners,
+                tuple(attr for _, attr, _ in self.slots),
+                tuple(p for _, _, p in self.slots),
+            )
+        owners, attrs, params = self._slot_check
+        return all(map(operator.is_, map(dict.get, owners, attrs), params))
+
+
+_DICTS = operator.attrgetter("_modules", "_parameters", "_buffers")
+
+
+class _Signature:
+    """Everything a plan depends on, held weakly and checked in a few C-level passes.
+
+    A plan depends only on the module tree: which submodules, parameters and buffers
+    each module has, under which names, and the modules' types. Every change to the tree
+    through torch's API (``setattr``, ``del``, ``add_module``, ``register_*``,
+    ``ModuleList.insert``/``pop``, ``load_state_dict(assign=True)``, parametrizations,
+    pruning) changes the type of a module or the size, a key or a value of one of its
+    dictionaries, all of which are compared here; so a cached plan is used only while the
+    tree is identical. Everything is referenced weakly: a cache of signatures keeps no
+    model alive. TorchScript modules keep their dictionaries in wrappers: trees holding
+    them get no signature (``of`` returns ``None``) and are planned every time.
+    """
+
+    __slots__ = ("filled", "kept", "keys", "lens", "modules", "nones", "types", "values")
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        dicts = tuple(itertools.chain.from_iterable(map(_DICTS, modules)))
+        self.modules = tuple(map(weakref.ref, modules))
+        self.types = tuple(map(type, modules))
+        self.lens = tuple(map(len, dicts))
+        self.filled = tuple(map(bool, dicts))
+        filled = tuple(itertools.compress(dicts, self.filled))
+        self.keys = tuple(itertools.chain.from_iterable(map(dict.keys, filled)))
+        values = tuple(itertools.chain.from_iterable(map(dict.values, filled)))
+        # ``None`` entries (``bias=None``) by position; weak references to the others.
+        self.nones = tuple(v is None for v in values)
+        self.kept = tuple(not none for none in self.nones)
+        self.values = tuple(weakref.ref(v) for v in values if v is not None)
+
+    @classmethod
+    def of(cls, modules: Sequence[nn.Module]) -> _Signature | None:
+        dicts = itertools.chain.from_iterable(map(_DICTS, modules))
+        return cls(modules) if all(type(d) is dict for d in dicts) else None
+
+    def alive(self) -> tuple[nn.Module, ...] | None:
+        """The modules, if the tree is alive and unchanged; else ``None``."""
+        modules = tuple(map(_CALL, self.modules))
+        if any(map(operator.is_, modules, itertools.repeat(None))):
+            return None
+        if not all(map(operator.is_, map(type, modules), self.types)):
+            return None
+        dicts = tuple(itertools.chain.from_iterable(map(_DICTS, modules)))
+        if tuple(map(len, dicts)) != self.lens:
+            return None
+        filled = tuple(itertools.compress(dicts, self.filled))
+        values = tuple(itertools.chain.from_iterable(map(dict.values, filled)))
+        if tuple(map(operator.is_, values, itertools.repeat(None))) != self.nones:
+            return None
+        # A dead reference gives None, never the live object in the dictionary.
+        then = map(_CALL, self.values)
+        if not all(map(operator.is_, itertools.compress(values, self.kept), then)):
+            return None
+        if tuple(itertools.chain.from_iterable(map(dict.keys, filled))) != self.keys:
+            return None
+        return modules
+
+
+_CALL = operator.methodcaller("__call__")
+
+
+class CachedPlan:
+    """A :class:`Plan` kept without keeping its model alive, for reuse while it holds.
+
+    Planning walks the whole tree and was most of a guarded step's overhead. A cached
+    plan keeps weak references only (and the registry entries its holds reuse); each
+    :meth:`revive` checks the tree is alive and unchanged (:class:`_Signature`) and hands
+    back an equivalent plan, or ``None``.
+    """
+
+    def __init__(self, plan: Plan, signature: _Signature) -> None:
+        refs: dict[int, weakref.ref[Any]] = {}
+
+        def ref(obj: Any) -> Any:  # a weakref; Any: what it returns is alive once checked
+            found = refs.get(id(obj))
+            if found is None:
+                found = refs[id(obj)] = weakref.ref(obj)
+            return found
+
+        self.signature = signature
+        self.module = ref(plan.module)
+        self.params = tuple(map(ref, plan.params))
+        self.watch = tuple((ref(m), k, n) for m, k, n in plan.watch)
+        self.scripted = tuple((ref(m), n) for m, n in plan.scripted)
+        self.slots = tuple((ref(o), a, ref(p)) for o, a, p in plan.slots)
+        self.matched = plan.matched
+        self.names = plan.names
+        self.records = tuple(r for _, r in plan.records())
+        self.entries = tuple(e for *_, e in plan.watches())
+        self.param_ids = plan.param_ids
+        self.watch_ids = plan.watch_ids
+
+    def revive(self) -> Plan | None:
+        """The plan, if its tree is alive and unchanged; else ``None``."""
+        if self.signature.alive() is None:
+            return None
+        # Unchanged: every object below is alive (the tree holds it) and in its place.
+        params = list(map(_CALL, self.params))
+        watch: list[tuple[nn.Module, int, str]] = [(m(), k, n) for m, k, n in self.watch]
+        plan = Plan(
+            module=self.module(),
+            params=params,
+            watch=watch,
+            scripted=[(m(), n) for m, n in self.scripted],
+            slots=[(o(), a, p()) for o, a, p in self.slots],
+            matched=self.matched,
+            names=self.names,
+            signature=None,
+        )
+        plan._records = list(zip(params, self.records, strict=True))
+        plan._watches = [(*w, e) for w, e in zip(watch, self.entries, strict=True)]
+        plan.__dict__["param_ids"] = self.param_ids
+        plan.__dict__["watch_ids"] = self.watch_ids
+        return plan
 
 
 def _matches(name: str, module: nn.Module | None, specs: Sequence[Any]) -> set[int]:
@@ -210,6 +381,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
     watch: list[tuple[nn.Module, int, str]] = []
     scripted: list[tuple[nn.Module, str]] = []
     names: dict[int, str] = {}
+    modules: list[nn.Module] = []
     for name, sub, parent in _walk(module):
         hits = _matches(name, sub, specs) if specs else set()
         matched |= hits  # count matches inside exempt subtrees too
@@ -232,6 +404,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
             continue  # an alias: everything below was planned under its first name
         module_status[id(sub)] = (exempt, name)
         names[id(sub)] = name
+        modules.append(sub)
         for pname, param in sub._parameters.items():
             if param is None:
                 continue
@@ -286,6 +459,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
         slots=slots,
         matched=matched,
         names=names,
+        signature=_Signature.of(modules),
     )
 
 
@@ -322,12 +496,19 @@ class _Watch:
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.ref: weakref.ref[nn.Module] = weakref.ref(module, _forget_watch(id(module)))
-        hooks = module.__dict__.get("_forward_hooks")
-        self.hooks_key = id(hooks) if hooks is not None else None
         self.name = name
         self.holders: dict[int, int] = {}
         self.kinds = 0
         self.scripted: dict[int, list[tuple[weakref.ref[nn.Module], str]]] = {}
+        self.reset(module)
+
+    def reset(self, module: nn.Module) -> None:
+        """Empty, for a first hold: the module's hook dictionary is looked up again."""
+        hooks = module.__dict__.get("_forward_hooks")
+        self.hooks_key = id(hooks) if hooks is not None else None
+        self.holders.clear()
+        self.scripted.clear()
+        self.kinds = 0
 
     def update(self) -> None:
         kinds = 0
@@ -359,6 +540,7 @@ class _Call:
 
 
 _PARAMS: dict[int, _ParamRecord] = {}
+_JOINS = [0]  # counts acquisitions that overlapped an existing hold
 _WATCH: dict[int, _Watch] = {}
 _BY_HOOKS: dict[int, _Watch] = {}  # id(module._forward_hooks) -> watch, for replicas
 _STATIC: dict[int, _Static] = {}
@@ -604,6 +786,9 @@ def _sync_hooks() -> None:
 # at calls and loops).
 
 _DEPTH = [0]  # the main thread's critical depth
+#: CPython's C signal module, which ``signal`` wraps with enum conversions that cost more
+#: than the call (and showed up in every guarded step).
+_signal = importlib.import_module("_signal")
 _PENDING: list[tuple[int, FrameType | None]] = []
 _PREVIOUS: list[Any] = []  # the SIGINT handler ours replaced, while ours is installed
 #: Code of the public methods that enter or leave holds: a signal arriving in their first
@@ -662,16 +847,18 @@ def _call_previous(signum: int, frame: FrameType | None) -> None:
 def _sync_interrupts(active: bool) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
+    # The C module directly: the ``signal`` module's enum conversions made this a tenth
+    # of a guarded step's cost.
     if active and not _PREVIOUS:
-        previous = signal.getsignal(signal.SIGINT)
+        previous = _signal.getsignal(signal.SIGINT)
         if previous is None:  # installed from outside Python: leave it alone
             return
         _PREVIOUS.append(previous)
-        signal.signal(signal.SIGINT, _on_sigint)
+        _signal.signal(signal.SIGINT, _on_sigint)
     elif not active and _PREVIOUS and not _PENDING:
         previous = _PREVIOUS.pop()
-        if signal.getsignal(signal.SIGINT) is _on_sigint:
-            signal.signal(signal.SIGINT, previous)
+        if _signal.getsignal(signal.SIGINT) is _on_sigint:
+            _signal.signal(signal.SIGINT, previous)
 
 
 def interrupt_pending() -> bool:
@@ -717,63 +904,143 @@ class Hold:
         self.plan = plan
         self.key = next(_HOLD_IDS)
         self.active = False
+        self._used: list[_ParamRecord] = []  # the registry record each parameter got
+        # Set when this hold acquired all its parameters (watches) while nothing else held
+        # any of them: then, unless a hold joined since (_JOINS moved), it releases them
+        # all at once.
+        self._solo_params: int | None = None
+        self._solo_watch: int | None = None
 
     # Each step below is idempotent and keyed by this hold, so a step cut short by an
     # exception can simply be run again, and undoing a step never touches another hold.
+    # The registry entries are the plan's own (made once per plan, reused by every hold
+    # of it): a guard enters a cached plan on every step, so each step costs a few
+    # dictionary operations per parameter and watched module, and no allocation.
 
-    def _hold_param(self, param: nn.Parameter) -> None:
-        record = _PARAMS.get(id(param))
-        if record is None or record.ref() is not param:
-            record = _ParamRecord(weakref.ref(param, _forget_param(id(param))), param.requires_grad)
-            _PARAMS[id(param)] = record
-        record.holders.add(self.key)
-        param.requires_grad = False
-        # A stale (even all-zero) .grad would let weight decay and momentum move the weight.
-        param.grad = None
-
-    def _release_param(self, param: nn.Parameter) -> bool:
-        record = _PARAMS.get(id(param))
-        if record is None or record.ref() is not param:
-            return False
-        record.holders.discard(self.key)
-        if record.holders:
-            return False
-        param.requires_grad = record.requires_grad
-        del _PARAMS[id(param)]
-        return True
-
-    def _watch(self, module: nn.Module, kinds: int, name: str) -> None:
-        entry = _WATCH.get(id(module))
-        if entry is None or entry.ref() is not module:
-            entry = _Watch(module, name)
-            _WATCH[id(module)] = entry
-            if entry.hooks_key is not None:
-                _BY_HOOKS[entry.hooks_key] = entry
-        entry.holders[self.key] = kinds
-        if kinds & ENTRY:
-            entry.scripted[self.key] = [
-                (weakref.ref(m), n)
-                for m, n in self.plan.scripted
-                if m is module or n.startswith(f"{name}.") or not name
-            ]
-        entry.update()
-
-    def _unwatch(self, module: nn.Module) -> None:
-        entry = _WATCH.get(id(module))
-        if entry is None or entry.ref() is not module:
+    def _hold_params(self) -> None:
+        key, plan = self.key, self.plan
+        records = plan.records()
+        if _PARAMS.keys().isdisjoint(plan.param_ids):
+            # Nothing else holds any of them (one guard, one region: the usual case).
+            self._used = [record for _, record in records]
+            for param, record in records:
+                record.requires_grad = param.requires_grad
+                record.holders.clear()  # (empty: a record leaves the registry when it is)
+                record.holders.add(key)
+                param.requires_grad = False
+                # A stale (even all-zero) .grad would let weight decay and momentum move it.
+                param.grad = None
+            _PARAMS.update(zip(plan.param_ids, self._used, strict=True))
+            self._solo_params = _JOINS[0]
             return
-        # A call this thread left open (a KeyboardInterrupt inside forward skips the
-        # post-hook) must not keep the module pinned.
-        if id(module) in _CALLS and id(module) in _open_calls():
-            while id(module) in _CALLS and id(module) in _open_calls():
-                _close_call(id(module))
-        entry.holders.pop(self.key, None)
-        entry.scripted.pop(self.key, None)
-        entry.update()
-        if not entry.holders:
-            del _WATCH[id(module)]
-            if entry.hooks_key is not None and _BY_HOOKS.get(entry.hooks_key) is entry:
-                del _BY_HOOKS[entry.hooks_key]
+        _JOINS[0] += 1  # holds overlap: every hold releases entry by entry from now on
+        used: list[_ParamRecord] = []
+        self._used = used
+        get = _PARAMS.get
+        for param, mine in records:
+            found = get(id(param))
+            if found is not None and found.ref() is param:
+                record = found
+            else:
+                mine.requires_grad = param.requires_grad
+                mine.holders.clear()
+                record = _PARAMS[id(param)] = mine
+            used.append(record)
+            record.holders.add(key)
+            param.requires_grad = False
+            param.grad = None
+
+    def _release_params(self, freed: list[nn.Parameter]) -> None:
+        key = self.key
+        if self._solo_params == _JOINS[0]:
+            # Acquired whole, alone, and no hold joined since: every record is ours alone.
+            for param, record in zip(self.plan.params, self._used, strict=True):
+                param.requires_grad = record.requires_grad
+            for record in self._used:
+                record.holders.clear()
+            pop = _PARAMS.pop
+            for i in self.plan.param_ids:
+                pop(i, None)
+            freed.extend(self.plan.params)
+            self._solo_params = None  # done: a rerun finds nothing held (below)
+            return
+        seen = set(map(id, freed))  # (filled only when this step runs again)
+        # _used is shorter than params if acquiring stopped half-way.
+        for param, record in zip(self.plan.params, self._used, strict=False):
+            holders = record.holders
+            if key not in holders:
+                continue  # not held by this hold, or already released
+            if len(holders) == 1:
+                # The last holder: restore first and drop our key last, so that a run cut
+                # short in between is completed by the next one.
+                param.requires_grad = record.requires_grad
+                if _PARAMS.get(id(param)) is record:
+                    del _PARAMS[id(param)]
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    freed.append(param)
+            holders.discard(key)
+
+    def _watch_all(self) -> None:
+        key, plan = self.key, self.plan
+        fast = _WATCH.keys().isdisjoint(plan.watch_ids)
+        if not fast:
+            _JOINS[0] += 1
+        for module, kinds, name, mine in plan.watches():
+            entry = None if fast else _WATCH.get(id(module))
+            if entry is None or entry.ref() is not module:
+                mine.reset(module)
+                mine.holders[key] = kinds  # before it is registered: release finds it held
+                mine.kinds = kinds
+                entry = _WATCH[id(module)] = mine
+                if entry.hooks_key is not None:
+                    _BY_HOOKS[entry.hooks_key] = entry
+            else:
+                entry.holders[key] = kinds
+                entry.kinds |= kinds
+            if kinds & ENTRY:
+                entry.scripted[key] = [
+                    (weakref.ref(m), n)
+                    for m, n in plan.scripted
+                    if m is module or n.startswith(f"{name}.") or not name
+                ]
+        if fast:
+            self._solo_watch = _JOINS[0]
+
+    def _unwatch_all(self) -> None:
+        key = self.key
+        if self._solo_watch == _JOINS[0] and not _CALLS:
+            # Acquired whole, alone, and no hold joined since (and no call left open).
+            for module, _, _, entry in self.plan.watches():
+                if _WATCH.get(id(module)) is entry:
+                    del _WATCH[id(module)]
+                if entry.hooks_key is not None and _BY_HOOKS.get(entry.hooks_key) is entry:
+                    del _BY_HOOKS[entry.hooks_key]
+                entry.holders.clear()
+                entry.scripted.clear()
+                entry.kinds = 0
+            self._solo_watch = None
+            return
+        for module, _, _, _ in self.plan.watches():
+            found = _WATCH.get(id(module))
+            if found is None or found.ref() is not module or key not in found.holders:
+                continue
+            entry = found
+            # A call this thread left open (a KeyboardInterrupt inside forward skips the
+            # post-hook) must not keep the module pinned.
+            if _CALLS and id(module) in _CALLS and id(module) in _open_calls():
+                while id(module) in _CALLS and id(module) in _open_calls():
+                    _close_call(id(module))
+            if len(entry.holders) == 1:
+                # The last holder: unregister first and drop our key last, so that a run
+                # cut short in between is completed by the next one.
+                if _WATCH.get(id(module)) is entry:
+                    del _WATCH[id(module)]
+                if entry.hooks_key is not None and _BY_HOOKS.get(entry.hooks_key) is entry:
+                    del _BY_HOOKS[entry.hooks_key]
+            entry.scripted.pop(key, None)
+            del entry.holders[key]
+            entry.update()
 
     def _pin_static(self, module: nn.Module) -> None:
         entry = _STATIC.get(id(module))
@@ -805,10 +1072,8 @@ class Hold:
         with _LOCK:
             try:
                 self.active = True  # from the first change on, release() undoes it
-                for param in plan.params:
-                    self._hold_param(param)
-                for module, kinds, name in plan.watch:
-                    self._watch(module, kinds, name)
+                self._hold_params()
+                self._watch_all()
                 for module, _ in plan.scripted:
                     self._pin_static(module)
                 _sync_hooks()
@@ -829,14 +1094,14 @@ class Hold:
         problems: list[str] = []
 
         def params() -> None:
-            for param in plan.params:
-                if self._release_param(param):
-                    freed.append(param)
+            self._release_params(freed)
 
         def slots() -> None:
             # A parameter replaced inside the hold (``m.weight = Parameter(...)``,
             # ``load_state_dict(assign=True)``) inherited requires_grad=False from the
             # frozen one; it gets the flag the replaced one has again.
+            if plan.slots_unchanged():
+                return
             for owner, attr, original in plan.slots:
                 now = _get(owner._parameters, attr)
                 if now is None or now is original or now.requires_grad:
@@ -848,7 +1113,7 @@ class Hold:
                     now.requires_grad = True
 
         steps: list[Callable[[], object]] = [params, slots]
-        steps += [functools.partial(self._unwatch, m) for m, _, _ in plan.watch]
+        steps.append(self._unwatch_all)
         steps += [functools.partial(self._unpin_static, m, problems) for m, _ in plan.scripted]
         steps.append(_sync_hooks)
         with _LOCK:
