@@ -56,7 +56,7 @@ from torch.nn.parameter import is_lazy
 
 from freezesched._validation import describe
 from freezesched.freezing._distributed import check_ddp_call
-from freezesched.freezing._policy import FreezePolicy
+from freezesched.freezing._policy import FreezePolicy, TrainableRule
 
 __all__ = [
     "Hold",
@@ -67,6 +67,7 @@ __all__ = [
     "is_frozen",
     "is_main_thread",
     "plan_freeze",
+    "restored_requires_grad",
 ]
 
 # --- what a module is ------------------------------------------------------------------
@@ -161,11 +162,17 @@ class Plan:
     names: dict[int, str] = field(repr=False)
 
 
-def _matches(name: str, module: nn.Module | None, specs: Sequence[Any]) -> set[int]:
+def _matches(
+    name: str, module: nn.Module | None, parent: nn.Module | None, specs: Sequence[Any]
+) -> set[int]:
+    """Indices of the ``specs`` that exempt ``name``: a module (``module`` given) or a parameter."""
     hits = set()
     for i, spec in enumerate(specs):
         if isinstance(spec, str):
             if name and fnmatch.fnmatchcase(name, spec):
+                hits.add(i)
+        elif isinstance(spec, TrainableRule):
+            if module is not None and parent is not None and spec.matches(name, module, parent):
                 hits.add(i)
         elif module is not None and isinstance(module, spec):
             hits.add(i)
@@ -211,7 +218,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
     scripted: list[tuple[nn.Module, str]] = []
     names: dict[int, str] = {}
     for name, sub, parent in _walk(module):
-        hits = _matches(name, sub, specs) if specs else set()
+        hits = _matches(name, sub, parent, specs) if specs else set()
         matched |= hits  # count matches inside exempt subtrees too
         under = bool(exempt_prefixes) and any(
             name == p or name.startswith(p + ".") for p in exempt_prefixes
@@ -236,7 +243,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
             if param is None:
                 continue
             qualified = f"{name}.{pname}" if name else pname
-            phits = _matches(qualified, None, specs) if specs else set()
+            phits = _matches(qualified, None, None, specs) if specs else set()
             matched |= phits
             p_exempt = exempt or bool(phits)
             pseen = param_status.get(id(param))
@@ -436,6 +443,19 @@ def is_frozen(obj: torch.Tensor | nn.Module) -> bool:
     if isinstance(obj, torch.Tensor):
         return held(obj)
     raise TypeError(f"obj must be a parameter or an nn.Module, got {describe(obj)}")
+
+
+def restored_requires_grad(param: torch.Tensor) -> bool:
+    """The ``requires_grad`` a parameter has once no hold of freezesched freezes it.
+
+    For a parameter freezesched holds, the flag it had before the first hold (what releasing
+    gives back); for any other, its flag now.
+    """
+    with _LOCK:
+        record = _PARAMS.get(id(param))
+        if record is not None and record.ref() is param and record.holders:
+            return record.requires_grad
+        return param.requires_grad
 
 
 # --- the global forward hooks -------------------------------------------------------------
