@@ -181,7 +181,7 @@ def test_hf_callback_pins_the_peft_base_and_schedules_its_adapters(tmp_path):
         by_epoch=False,
         trainable=[PeftAdapters()],
     )  # the whole model frozen but its adapters and head copy; the adapters on Step(2)
-    trainer, recorder = hf_train(tmp_path, model, callback)
+    _, recorder = hf_train(tmp_path, model, callback)
     assert recorder.adapters_frozen == [False, True, False, True]  # 2 epochs of 2 steps
     assert not any(recorder.base_flags)
     assert_base_untouched(before, model)

@@ -150,7 +150,10 @@ def test_batchnorm_and_layernorm_policy_as_configured():
     make_trainable(vit_like, "base_model.model.1")
     with freeze(vit_like, trainable=[PeftAdapters(), nn.LayerNorm]):
         trainable = sorted(n for n, p in vit_like.named_parameters() if p.requires_grad)
-    assert "base_model.model.1.weight" in trainable and "base_model.model.0.base_layer.weight" not in trainable
+    assert (
+        "base_model.model.1.weight" in trainable
+        and "base_model.model.0.base_layer.weight" not in trainable
+    )
 
 
 def test_modules_to_save_copies_train_and_the_originals_stay_frozen():
@@ -312,9 +315,7 @@ def test_warm_up_the_adapters_then_unfreeze_a_base_block_on_a_dbf_step_schedule(
 
 def test_scheduling_a_base_block_peft_froze_is_refused_not_silently_idle():
     model = lora_net()
-    ctrl = FreezeController(
-        model, {"base_model.model.fc": Step(2)}, trainable=[PeftAdapters()]
-    )
+    ctrl = FreezeController(model, {"base_model.model.fc": Step(2)}, trainable=[PeftAdapters()])
     with pytest.raises(ValueError, match=r"base_model\.model\.fc.*peft freezes"):
         ctrl.apply(0)
     assert not model.base_model.model.fc.base_layer.weight.requires_grad

@@ -130,4 +130,6 @@ def test_features_from_timm_features_only(name, kwargs, channels, size):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     backbone = timm.create_model(name, features_only=True, drop_path_rate=0.1, **kwargs)
-    check_side_tuning(backbone, lambda x: list(backbone(x)), channels, torch.randn(2, 3, size, size))
+    check_side_tuning(
+        backbone, lambda x: list(backbone(x)), channels, torch.randn(2, 3, size, size)
+    )

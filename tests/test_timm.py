@@ -63,7 +63,7 @@ def test_stages_of_a_wrapped_timm_model_are_prefixed_and_bad_input_is_named():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="contain\\) a timm model"):
         timm_stages(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         timm_stages("vit")  # type: ignore[arg-type]
 
 

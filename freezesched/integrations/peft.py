@@ -83,9 +83,10 @@ def adapter_names(model: nn.Module) -> list[str]:
     """Dotted names of every adapter container of the ``peft`` tuner layers in ``model``.
 
     In module order. The trainable copies of ``modules_to_save`` (a classifier, usually)
-    are not adapters and are not listed. With them the adapters themselves can be scheduled, as one group (frozen together)
-    for a guard or one stage per name for the controller, e.g. warm up the adapters with
-    the base frozen before unfreezing blocks of the base::
+    are not adapters and are not listed. With these names the adapters themselves can be
+    scheduled, as one group (frozen together) for a guard or one stage per name for the
+    controller, e.g. to warm up the adapters with the base frozen before unfreezing
+    blocks of the base::
 
         FreezeController(model, {tuple(adapter_names(model)): UnfreezeAt(0)})
 
@@ -170,8 +171,11 @@ def make_trainable(model: nn.Module, names: str | Sequence[str]) -> list[str]:
 
 
 def _base_parameters(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Parameter]]:
-    """Parameters of ``module`` that the base model's forward uses: no replaced originals,
-    no adapters (an adapter keeps the flag ``peft`` gave it)."""
+    """Parameters of ``module`` that the base model's forward uses.
+
+    Replaced originals (``modules_to_save``) and adapters (which keep the flag ``peft``
+    gave them) are left out.
+    """
     skip: list[str] = []
     for name, sub in module.named_modules(prefix=prefix):
         if isinstance(sub, AuxiliaryTrainingWrapper):
