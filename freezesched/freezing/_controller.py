@@ -292,7 +292,11 @@ class FreezeController:
 
         Raises:
             TypeError: ``tick`` is not an int.
-            ValueError: ``tick`` is out of range, or a scheduled name no longer exists.
+            ValueError: ``tick`` is out of range, a scheduled name no longer exists, or a
+                module becomes trainable although none of its parameters (trainable
+                exceptions aside) would require grad: they were frozen outside
+                freezesched (by ``peft``, say), which never re-enables them. Nothing is
+                changed then.
         """
         return self._apply(tick, resume=False)
 
