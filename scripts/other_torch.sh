@@ -29,4 +29,20 @@ fi
   tests/test_schedules.py tests/test_guard.py tests/test_guard_adversarial.py \
   tests/test_controller.py tests/test_first_hour.py tests/test_profiling_flops.py \
   tests/test_profiling_run.py tests/test_profiling_memory.py tests/test_amp.py \
-  tests/test_ddp.py tests/test_architecture.py
+  tests/test_ddp.py tests/test_architecture.py tests/test_trainable_rules.py
+if [ "$which" = newest ]; then
+  # PEFT and timm (optional extras, issue 16): torchvision built for this torch, timm,
+  # peft (which brings transformers and accelerate) and Lightning, then their tests, the
+  # doctests of the two integrations and the worked example. The main venv has none of
+  # them (its torch has no matching torchvision), so these files skip there.
+  echo "freezesched: installing torchvision, timm, peft, lightning into $venv" >&2
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check "torchvision==0.29.1" \
+         "timm>=1.0" "peft>=0.15" "lightning>=2.2" "numpy<2.3" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    tests/test_peft.py tests/test_timm.py tests/test_side_network.py \
+    tests/test_integration_peft.py tests/test_example_peft.py \
+    freezesched/integrations/peft.py freezesched/integrations/timm.py
+fi

@@ -16,6 +16,7 @@ from freezesched.freezing._policy import (
     FreezePolicy,
     ModePolicy,
     OptimizerPolicy,
+    TrainableRule,
     TrainableSpec,
     resolve_policy,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ModePolicy",
     "OptimizerPolicy",
     "TargetSpec",
+    "TrainableRule",
     "TrainableSpec",
     "check_ddp_settings",
     "check_optimizers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,7 +15,13 @@ from typing_extensions import Self
 
 from freezesched._validation import check_tick, describe
 from freezesched.freezing._distributed import check_ddp_settings, managed_parameters, unwrap
-from freezesched.freezing._mechanism import Hold, Plan, check_patterns_matched, plan_freeze
+from freezesched.freezing._mechanism import (
+    Hold,
+    Plan,
+    check_patterns_matched,
+    plan_freeze,
+    restored_requires_grad,
+)
 from freezesched.freezing._optim import (
     LRRamp,
     LRRampHooks,
@@ -191,6 +198,8 @@ class FreezeController:
         self._groups = self._ramp_groups(plans) if self.policy.unfreeze_lr else {}
         self._ramp = LRRampHooks(self.optimizers) if self.policy.unfreeze_lr else None
         self._holds: dict[str, tuple[nn.Module, Hold]] = {}
+        #: name -> the module found able to train when it last became trainable.
+        self._trainable: dict[str, weakref.ref[nn.Module]] = {}
         self._tick: int | None = None
 
     @property
@@ -283,7 +292,11 @@ class FreezeController:
 
         Raises:
             TypeError: ``tick`` is not an int.
-            ValueError: ``tick`` is out of range, or a scheduled name no longer exists.
+            ValueError: ``tick`` is out of range, a scheduled name no longer exists, or a
+                module becomes trainable although none of its parameters (trainable
+                exceptions aside) would require grad: they were frozen outside
+                freezesched (by ``peft``, say), which never re-enables them. Nothing is
+                changed then.
         """
         return self._apply(tick, resume=False)
 
@@ -297,6 +310,7 @@ class FreezeController:
                 for name in stage:
                     wanted[name] = frozen
         modules = self._resolve()
+        self._check_trainable(tick, wanted, modules)
         plans = {
             name: plan_freeze(modules[name], self.policy)
             for name, frozen in wanted.items()
@@ -321,6 +335,40 @@ class FreezeController:
         self._update_ramp()
         return self.frozen
 
+    def _check_trainable(
+        self, tick: int, wanted: dict[str, bool], modules: dict[str, nn.Module]
+    ) -> None:
+        """Refuse a trainable decision for a module that nothing would make train.
+
+        freezesched freezes and restores; it never sets ``requires_grad=True`` on a
+        parameter it did not freeze (that would re-enable weights ``peft`` or the user
+        froze). A module scheduled trainable whose parameters (trainable exceptions aside)
+        were all frozen outside freezesched would therefore silently not train. Checked
+        read-only, when a module becomes trainable (and at the first tick).
+        """
+        for name, frozen in wanted.items():
+            module = modules[name]
+            if frozen:
+                self._trainable.pop(name, None)
+                continue
+            checked = self._trainable.get(name)
+            if checked is not None and checked() is module:
+                continue
+            params = plan_freeze(module, self.policy).params
+            if params and not any(restored_requires_grad(p) for p in params):
+                key = next(t.key for t in self._targets if any(name in s for s in t.stages))
+                raise ValueError(
+                    f"schedules[{key!r}] makes {name!r} trainable at tick {tick}, but none of "
+                    f"its {len(params)} parameters (trainable exceptions aside) requires grad: "
+                    "they were frozen outside freezesched (peft freezes every weight of the "
+                    "base model, for one). freezesched never re-enables what it did not "
+                    "freeze, so this schedule would train nothing there. Make them trainable "
+                    "before building the controller (module.requires_grad_(True), and give "
+                    "them to the optimizer), or schedule the module with Constant(True) if "
+                    "only its BatchNorm and dropout are to be pinned"
+                )
+            self._trainable[name] = weakref.ref(module)
+
     def _update_ramp(self) -> None:
         ramp = self.policy.unfreeze_lr
         if ramp is None or self._ramp is None or self._tick is None:
@@ -343,6 +391,7 @@ class FreezeController:
     def release(self) -> None:
         """Unfreeze everything this controller froze (optimizer state is left alone)."""
         holds, self._holds = self._holds, {}
+        self._trainable = {}
         error: BaseException | None = None
         for _, hold in reversed(list(holds.values())):
             try:

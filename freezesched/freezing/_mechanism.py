@@ -58,7 +58,7 @@ from torch.nn.parameter import is_lazy
 
 from freezesched._validation import describe
 from freezesched.freezing._distributed import check_ddp_call
-from freezesched.freezing._policy import FreezePolicy
+from freezesched.freezing._policy import FreezePolicy, TrainableRule
 
 __all__ = [
     "Hold",
@@ -69,6 +69,7 @@ __all__ = [
     "is_frozen",
     "is_main_thread",
     "plan_freeze",
+    "restored_requires_grad",
 ]
 
 # --- what a module is ------------------------------------------------------------------
@@ -332,11 +333,17 @@ class CachedPlan:
         return plan
 
 
-def _matches(name: str, module: nn.Module | None, specs: Sequence[Any]) -> set[int]:
+def _matches(
+    name: str, module: nn.Module | None, parent: nn.Module | None, specs: Sequence[Any]
+) -> set[int]:
+    """Indices of the ``specs`` that exempt ``name``: a module (``module`` given) or a parameter."""
     hits = set()
     for i, spec in enumerate(specs):
         if isinstance(spec, str):
             if name and fnmatch.fnmatchcase(name, spec):
+                hits.add(i)
+        elif isinstance(spec, TrainableRule):
+            if module is not None and parent is not None and spec.matches(name, module, parent):
                 hits.add(i)
         elif module is not None and isinstance(module, spec):
             hits.add(i)
@@ -383,7 +390,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
     names: dict[int, str] = {}
     modules: list[nn.Module] = []
     for name, sub, parent in _walk(module):
-        hits = _matches(name, sub, specs) if specs else set()
+        hits = _matches(name, sub, parent, specs) if specs else set()
         matched |= hits  # count matches inside exempt subtrees too
         under = bool(exempt_prefixes) and any(
             name == p or name.startswith(p + ".") for p in exempt_prefixes
@@ -409,7 +416,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
             if param is None:
                 continue
             qualified = f"{name}.{pname}" if name else pname
-            phits = _matches(qualified, None, specs) if specs else set()
+            phits = _matches(qualified, None, None, specs) if specs else set()
             matched |= phits
             p_exempt = exempt or bool(phits)
             pseen = param_status.get(id(param))
@@ -618,6 +625,19 @@ def is_frozen(obj: torch.Tensor | nn.Module) -> bool:
     if isinstance(obj, torch.Tensor):
         return held(obj)
     raise TypeError(f"obj must be a parameter or an nn.Module, got {describe(obj)}")
+
+
+def restored_requires_grad(param: torch.Tensor) -> bool:
+    """The ``requires_grad`` a parameter has once no hold of freezesched freezes it.
+
+    For a parameter freezesched holds, the flag it had before the first hold (what releasing
+    gives back); for any other, its flag now.
+    """
+    with _LOCK:
+        record = _PARAMS.get(id(param))
+        if record is not None and record.ref() is param and record.holders:
+            return record.requires_grad
+        return param.requires_grad
 
 
 # --- the global forward hooks -------------------------------------------------------------

@@ -8,6 +8,7 @@ are validated in exactly one place.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,11 +19,55 @@ from torch import nn
 from freezesched._validation import check_choice, describe
 from freezesched.freezing._optim import LRRamp
 
-__all__ = ["FreezePolicy", "ModePolicy", "OptimizerPolicy", "TrainableSpec", "resolve_policy"]
+__all__ = [
+    "FreezePolicy",
+    "ModePolicy",
+    "OptimizerPolicy",
+    "TrainableRule",
+    "TrainableSpec",
+    "resolve_policy",
+]
 
 ModePolicy = Literal["eval", "train"]
 OptimizerPolicy = Literal["keep", "reset"]
-TrainableSpec = str | type[nn.Module]
+
+
+class TrainableRule(abc.ABC):
+    """A trainable exception decided by code: for modules a name or a type cannot single out.
+
+    A rule is asked about every submodule of a frozen module (not about the frozen module
+    itself, which has no parent) while the freeze is planned; a submodule it matches stays
+    trainable with its whole subtree, exactly like one matched by a pattern or a type. A
+    ready-made rule recognises the adapters of ``peft``
+    (:class:`freezesched.integrations.peft.PeftAdapters`): a LoRA layer wraps the base layer
+    it adapts, so neither its type nor a name tells the adapter apart from the base weight.
+
+    Subclasses implement :meth:`matches`; give them a readable ``repr`` (a dataclass does),
+    since errors quote it. Like every ``trainable`` entry, a rule must match something.
+
+    Examples:
+        >>> class SecondChild(TrainableRule):
+        ...     def matches(self, name, module, parent):
+        ...         return isinstance(parent, nn.Sequential) and parent[1] is module
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> from freezesched import freeze
+        >>> with freeze(model, trainable=[SecondChild()]):
+        ...     model[0].weight.requires_grad, model[1].weight.requires_grad
+        (False, True)
+    """
+
+    @abc.abstractmethod
+    def matches(self, name: str, module: nn.Module, parent: nn.Module) -> bool:
+        """Whether ``module`` stays trainable, with everything below it.
+
+        Args:
+            name: Its qualified name relative to the frozen module.
+            module: The submodule.
+            parent: The module it is a child of.
+        """
+
+
+TrainableSpec = str | type[nn.Module] | TrainableRule
 
 _MODES = ("eval", "train")
 _OPTIMIZER_POLICIES = ("keep", "reset")
@@ -46,8 +91,9 @@ class FreezePolicy:
             relative to the frozen module, and module types. A pattern matching a
             submodule's name, or a type matching it, exempts that whole submodule
             (parameters, buffers and mode); a pattern matching a parameter's name exempts
-            that parameter. Exempt parameters keep their own ``requires_grad``. Each entry
-            must match something.
+            that parameter. A :class:`TrainableRule` decides in code (the adapters of a
+            ``peft`` model: :class:`freezesched.integrations.peft.PeftAdapters`). Exempt
+            parameters keep their own ``requires_grad``. Each entry must match something.
         on_unfreeze: What the controller does with the optimizer state (momentum, Adam
             moments) of parameters when they unfreeze: ``"reset"`` (default) drops it,
             so a parameter resumes as if new to the optimizer; ``"keep"`` reuses the
@@ -59,7 +105,7 @@ class FreezePolicy:
 
     Raises:
         ValueError: an unknown mode or optimizer policy.
-        TypeError: ``trainable`` is not a sequence of patterns and module types.
+        TypeError: ``trainable`` is not a sequence of patterns, module types and rules.
 
     Examples:
         >>> FreezePolicy(bn="train", trainable=("*adapter*", nn.LayerNorm)).bn
@@ -85,8 +131,8 @@ class FreezePolicy:
         given: object = self.trainable
         if isinstance(given, str | type) or not isinstance(given, Iterable):
             raise TypeError(
-                "trainable must be a sequence of name patterns and module types, "
-                f"got {describe(given)}"
+                "trainable must be a sequence of name patterns, module types and "
+                f"TrainableRule objects, got {describe(given)}"
             )
         specs = tuple(given)
         for i, spec in enumerate(specs):
@@ -94,10 +140,17 @@ class FreezePolicy:
                 if not spec:
                     raise ValueError(f"trainable[{i}] must be a non-empty pattern, got ''")
                 continue
+            if isinstance(spec, TrainableRule):
+                continue
             if not (isinstance(spec, type) and issubclass(spec, nn.Module)):
+                hint = (
+                    " (a TrainableRule class: pass an instance, e.g. PeftAdapters())"
+                    if isinstance(spec, type) and issubclass(spec, TrainableRule)
+                    else ""
+                )
                 raise TypeError(
-                    f"trainable[{i}] must be a name pattern (str) or an nn.Module subclass, "
-                    f"got {describe(spec)}"
+                    f"trainable[{i}] must be a name pattern (str), an nn.Module subclass or a "
+                    f"TrainableRule, got {describe(spec)}{hint}"
                 )
         object.__setattr__(self, "trainable", specs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import TracebackType
 
 import torch
@@ -35,12 +36,18 @@ class SavedTensorMeter:
         ...     loss = (x * w).sum()
         >>> meter.bytes
         0
+        >>> with SavedTensorMeter(exclude=[w]) as meter:  # activations only
+        ...     loss = (x * w).sum()
+        >>> meter.bytes, meter.tensors
+        (16, 2)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         self.bytes = 0
         self.tensors = 0
-        self._seen: set[tuple[torch.device, int]] = set()
+        self._seen: set[tuple[torch.device, int]] = {
+            (t.device, t.untyped_storage().data_ptr()) for t in exclude
+        }
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
