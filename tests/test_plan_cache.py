@@ -176,7 +176,9 @@ def test_each_decision_has_its_own_plan():
     from freezesched import Layerwise
 
     model = _net()
-    guard = FrozenStageGuard(Layerwise.progressive(2, first=1, last=2), modules=[["0", "1"], ["2", "3"]])
+    guard = FrozenStageGuard(
+        Layerwise.progressive(2, first=1, last=2), modules=[["0", "1"], ["2", "3"]]
+    )
     for tick in (0, 1, 2, 1, 0, 2):
         with guard(model, tick) as region:
             frozen = {id(p) for m in region.frozen_modules for p in m.parameters()}
@@ -207,3 +209,38 @@ def test_freeze_and_the_guard_agree():
     with freeze(model):
         plain = {n for n, p in model.named_parameters() if is_frozen(p)}
     assert set(_seen(FROZEN, model)[0]) == plain
+
+
+def test_a_rule_that_reads_more_than_the_tree_is_asked_every_step():
+    from freezesched.freezing import TrainableRule
+
+    class Flagged(TrainableRule):  # exempts modules carrying a flag the tree does not show
+        def matches(self, name, module, parent):
+            return getattr(module, "keep_training", False)
+
+    model = _net()
+    model[0].keep_training = True
+    model[2][0].keep_training = False
+    guard = FrozenStageGuard(Constant(True), trainable=[Flagged()])
+    with guard(model, 0):
+        assert model[0].weight.requires_grad and not model[2][0].weight.requires_grad
+    model[0].keep_training, model[2][0].keep_training = False, True
+    with guard(model, 0):
+        assert not model[0].weight.requires_grad and model[2][0].weight.requires_grad
+
+    class Named(Flagged):
+        tree_only = True  # promised: reused while the tree is unchanged
+
+    plan_calls = []
+    guard = FrozenStageGuard(Constant(True), trainable=[Named()])
+    original = _mechanism.plan_freeze
+    import freezesched.freezing._guard as guard_module
+
+    guard_module.plan_freeze = lambda *a, **k: plan_calls.append(1) or original(*a, **k)
+    try:
+        for _ in range(3):
+            with guard(model, 0):
+                pass
+    finally:
+        guard_module.plan_freeze = original
+    assert len(plan_calls) == 1

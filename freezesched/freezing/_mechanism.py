@@ -466,7 +466,10 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
         slots=slots,
         matched=matched,
         names=names,
-        signature=_Signature.of(modules),
+        # A rule may depend on more than the tree: such plans are not reused.
+        signature=None
+        if any(isinstance(r, TrainableRule) and not r.tree_only for r in specs)
+        else _Signature.of(modules),
     )
 
 

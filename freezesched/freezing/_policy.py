@@ -12,7 +12,7 @@ import abc
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -44,6 +44,15 @@ class TrainableRule(abc.ABC):
 
     Subclasses implement :meth:`matches`; give them a readable ``repr`` (a dataclass does),
     since errors quote it. Like every ``trainable`` entry, a rule must match something.
+    A guard reuses its plan of a module tree while the tree is unchanged; a rule whose
+    answer depends on anything else (a flag it reads, an active-adapter setting) would
+    be asked too rarely, so a guard plans afresh every step for a policy holding a rule,
+    unless the rule sets :attr:`tree_only`.
+
+    Attributes:
+        tree_only: ``True`` promises that :meth:`matches` depends only on the names,
+            types and class attributes of the modules, and their place in the tree;
+            ``False`` (the default) is always correct, but slower.
 
     Examples:
         >>> class SecondChild(TrainableRule):
@@ -55,6 +64,8 @@ class TrainableRule(abc.ABC):
         ...     model[0].weight.requires_grad, model[1].weight.requires_grad
         (False, True)
     """
+
+    tree_only: ClassVar[bool] = False
 
     @abc.abstractmethod
     def matches(self, name: str, module: nn.Module, parent: nn.Module) -> bool:

@@ -74,6 +74,8 @@ class PeftAdapters(TrainableRule):
         ['0.lora_A.default.weight', '0.lora_B.default.weight']
     """
 
+    tree_only = True  # names and peft's class attributes only
+
     def matches(self, name: str, module: nn.Module, parent: nn.Module) -> bool:
         """Whether ``module`` is an adapter container of the ``peft`` layer ``parent``."""
         return _is_adapter(name, parent)
