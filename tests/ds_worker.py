@@ -44,7 +44,7 @@ def _stages(rank: int, world: int) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     for stage in (1, 2, 3):
 
-        def engine(model: nn.Module) -> Any:
+        def engine(model: nn.Module, stage: int = stage) -> Any:
             params = [p for p in model.parameters() if p.requires_grad]
             config = {
                 "train_micro_batch_size_per_gpu": 4,
@@ -54,7 +54,7 @@ def _stages(rank: int, world: int) -> dict[int, dict[str, Any]]:
             opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
             return deepspeed.initialize(model=model, optimizer=opt, config=config)[0]
 
-        def full(module: nn.Module) -> list[torch.Tensor]:
+        def full(module: nn.Module, stage: int = stage) -> list[torch.Tensor]:
             params = list(module.parameters())
             with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
                 return [p.detach().clone() for p in params]

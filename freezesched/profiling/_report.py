@@ -314,11 +314,15 @@ def render_memory(plan: MemoryPlan, fmt: Format = "text") -> str:
 
     Examples:
         >>> from freezesched.profiling import MemoryPhase, MemoryPlan
-        >>> phase = MemoryPhase("frozen", ("backbone",), 10, 90, 400, 40, 80, 2**30, 0, 0, 2**30 + 480)
+        >>> phase = MemoryPhase("frozen", ("backbone",), 10, 90, weights=400, gradients=40,
+        ...                     optimizer=80, activations=2**30, buffers=0, transient=0,
+        ...                     peak=2**30 + 480)
         >>> plan = MemoryPlan("toy", (1, 3), "adamw", "fp32", "none", 1, (phase,))
-        >>> print(render_memory(plan))
-        phase   frozen    trainable  weights GiB  grads GiB  optimizer GiB  activations GiB  buffers GiB  transient GiB  peak GiB
-        frozen  backbone  10         0            0          0              1                0            0              1
+        >>> print(render_memory(plan, "csv"))
+        phase,frozen,trainable,weights,gradients,optimizer,activations,buffers,transient,peak
+        frozen,backbone,10,400,40,80,1073741824,0,0,1073742304
+        >>> print(render_memory(plan).splitlines()[1].split()[-1])  # GiB in text
+        1
     """
     raw = fmt in ("csv", "json")
 
