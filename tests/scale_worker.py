@@ -398,6 +398,8 @@ def dcp_save(rank: int, world: int, directory: str) -> dict[str, Any]:
 
     model, opt, ctrl = _dcp_setup()
     _dcp_epochs(model, opt, ctrl, rank, range(CKPT_EPOCH + 2))  # epochs 0..3; 3 is frozen
+    with torch.no_grad():  # a validation pass: FSDP2 leaves the root group gathered
+        model(data(rank, 999)[0])
     save(f"{directory}/full", model, opt, ctrl)
     meta = save(f"{directory}/trained", model, opt, ctrl, only_trained=True)
     frozen_with_state = sum(bool(opt.state.get(p)) for p in model.backbone.blocks.parameters())
@@ -423,9 +425,11 @@ def dcp_resume(rank: int, world: int, directory: str) -> dict[str, Any]:
     _dcp_epochs(model, opt, ctrl, rank, range(first, LAST_EPOCH))
     out["controller_first"] = plain(snapshot(model))
     ctrl.release()
-    # B: load() alone (it restores the controller last).
+    # B: load() alone (it restores the controller last), then a validation pass first.
     model, opt, ctrl = _dcp_setup()
     load(f"{directory}/full", model, opt, ctrl)
+    with torch.no_grad():
+        model(data(rank, 999)[0])
     _dcp_epochs(model, opt, ctrl, rank, range(first, LAST_EPOCH))
     out["load_only"] = plain(snapshot(model))
     ctrl.release()

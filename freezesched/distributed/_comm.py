@@ -64,10 +64,11 @@ class CommStats:
         self.steps = self.sent_elements = self.skipped_elements = 0
         self.sent_bytes = self.skipped_bytes = 0
 
-    def _check_same_freeze_state(self) -> None:
+    def _check_same_freeze_state(self, device: torch.device) -> None:
         mask = bytes(int(p.requires_grad) for p in self.params)
         signature = zlib.crc32(mask)
-        both = torch.tensor([signature, -signature], dtype=torch.int64)
+        # On the gradients' device: NCCL reduces only tensors on the GPU.
+        both = torch.tensor([signature, -signature], dtype=torch.int64, device=device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
         if int(both[0]) != -int(both[1]):
             raise RuntimeError(
@@ -102,7 +103,7 @@ def skip_frozen_hook(
     if bucket.index() == 0:
         stats.steps += 1
         if stats.check_ranks and stats.params:
-            stats._check_same_freeze_state()
+            stats._check_same_freeze_state(buffer.device)
     params = bucket.parameters()
     grads = bucket.gradients()
     train = [p.requires_grad for p in params]

@@ -17,6 +17,7 @@ from freezesched.freezing._distributed import (
     check_unfreeze,
     check_wrapper,
     constant_decision,
+    fsdp2_sharded_counterparts,
     unwrap,
 )
 from freezesched.freezing._mechanism import Hold, Plan, check_patterns_matched, plan_freeze
@@ -358,14 +359,28 @@ class FreezeController:
         self._ramp.factors = factors
         self._ramp.install()
 
+    def _named_params(self, name: str, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters freezing ``module`` freezes, by name in the model.
+
+        Under FSDP2 a module may hold the unsharded copy of a parameter (after a forward
+        without backward); the name then stands for the sharded parameter the optimizer
+        steps, whatever FSDP2 holds at the moment.
+        """
+        plan = plan_freeze(module, self.policy)
+        out: dict[str, nn.Parameter] = {}
+        for owner, attr, param in plan.slots:
+            inner = plan.names.get(id(owner), "")
+            local = f"{inner}.{attr}" if inner else attr
+            sharded = fsdp2_sharded_counterparts([(owner, attr, param)])
+            out.setdefault(f"{name}.{local}" if name else local, sharded[0] if sharded else param)
+        return out
+
     def _scheduled_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter the schedules freeze, by its name in the model."""
-        names = {id(p): n for n, p in self._root.named_parameters()}
         out: dict[str, nn.Parameter] = {}
-        for module in self._resolve().values():
-            for p in plan_freeze(module, self.policy).params:
-                if id(p) in names:
-                    out[names[id(p)]] = p
+        for name, module in self._resolve().items():
+            for key, param in self._named_params(name, module).items():
+                out.setdefault(key, param)
         return out
 
     def _optimizer_state_names(self) -> list[list[str]]:
@@ -410,7 +425,6 @@ class FreezeController:
         """
         if self._tick is None:
             return {}
-        names = {id(p): n for n, p in self._root.named_parameters()}
         modules = self._resolve()
         out: dict[str, nn.Parameter] = {}
         for target in self._targets:
@@ -419,9 +433,8 @@ class FreezeController:
                 if not line[:, s].all():
                     continue
                 for name in stage:
-                    for p in plan_freeze(modules[name], self.policy).params:
-                        if id(p) in names:
-                            out[names[id(p)]] = p
+                    for key, param in self._named_params(name, modules[name]).items():
+                        out.setdefault(key, param)
         return out
 
     def release(self) -> None:
