@@ -101,3 +101,75 @@ class ResNet50FPN(nn.Module):
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
             )
         return [self.head(out(p)) for out, p in zip(self.output, laterals, strict=True)]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block with global attention (ViT / ViTDet's plain backbone)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTBackbone(nn.Module):
+    def __init__(self, image: int, patch: int, dim: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.grid = image // patch
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+
+
+class ViTDetector(nn.Module):
+    """A plain ViT backbone (ViTDet-style, global attention) and a light dense head."""
+
+    def __init__(
+        self, image: int = 1024, patch: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
+        classes: int = 15,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.backbone = ViTBackbone(image, patch, dim, depth, heads)
+        self.head = nn.Sequential(
+            nn.Conv2d(dim, 256, 1), nn.GELU(), nn.Conv2d(256, 256, 3, padding=1), nn.GELU(),
+            nn.Conv2d(256, classes + 5, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+#: ViT sizes (width, depth, heads): ViT-B/L/H as in ViT and ViTDet, and a ~1.1 B one
+#: (ViT-g-like width 1536, depth 40), all with patch 16.
+VIT_SIZES = {
+    "ViT-B": (768, 12, 12),
+    "ViT-L": (1024, 24, 16),
+    "ViT-H": (1280, 32, 16),
+    "ViT-1B": (1536, 40, 16),
+}
+
+
+def vit_detector(size: str = "ViT-B", image: int = 1024) -> ViTDetector:
+    dim, depth, heads = VIT_SIZES[size]
+    return ViTDetector(image=image, dim=dim, depth=depth, heads=heads)

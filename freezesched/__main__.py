@@ -1,4 +1,4 @@
-"""Command line: ``python -m freezesched {demo,timeline,project,flops}``."""
+"""Command line: ``python -m freezesched {demo,timeline,project,flops,plan-memory}``."""
 
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ def _timeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(spec: str) -> Any:
-    """``"package.module:attr"`` -> the module, or what calling ``attr()`` returns."""
+def _load_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """``"package.module:attr"`` -> the module, or what calling ``attr(**kwargs)`` returns."""
     import importlib
 
     from torch import nn
@@ -125,7 +125,13 @@ def _load_model(spec: str) -> Any:
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as error:
         raise CommandError(f"--model {spec!r}: {error}") from None
-    model = obj if isinstance(obj, nn.Module) else obj()
+    if isinstance(obj, nn.Module):
+        model = obj
+    else:
+        try:
+            model = obj(**(kwargs or {}))
+        except TypeError as error:
+            raise CommandError(f"--model {spec!r}: {error}") from None
     if not isinstance(model, nn.Module):
         raise CommandError(f"--model {spec!r} gave a {type(model).__name__}, not an nn.Module")
     return model
@@ -257,6 +263,41 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from freezesched.profiling import plan_memory, render_memory
+
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--model-kwargs must be a JSON object: {error.msg}") from None
+    if not isinstance(kwargs, dict):
+        raise CommandError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    with torch.device("meta"):  # nothing is allocated, whatever the model's size
+        model = _load_model(args.model, kwargs)
+    shape = _shape(args.input_shape)
+    stages = [[m for m in spec.split(",") if m] for spec in args.module]
+    try:
+        plan = plan_memory(
+            model, shape, stages, optimizer=args.optimizer, precision=args.precision,
+            sharding=args.sharding, world_size=args.world_size, step=args.step,
+            label=args.model,
+        )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    elements = plan.phases[0].trainable_elements + plan.phases[0].frozen_elements
+    print(
+        f"# {args.model}: {elements:,} parameters; per rank: batch {tuple(shape)}, "
+        f"{args.optimizer}, {args.precision}, sharding {args.sharding} over "
+        f"{args.world_size} rank(s), optimizer step {args.step}; GiB = 2**30 bytes; "
+        "peak = weights + optimizer + buffers + max(activations, grads) + transient",
+        file=sys.stderr,
+    )
+    print(plan.to_json() if args.format == "json" else render_memory(plan, args.format))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="freezesched", description="Freezing schedules for PyTorch fine-tuning."
@@ -338,6 +379,38 @@ def _parser() -> argparse.ArgumentParser:
     flops.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
     flops.add_argument("--device", default="meta", help="where to count (default meta)")
     flops.set_defaults(run=_flops)
+    plan = sub.add_parser(
+        "plan-memory",
+        help="memory per rank of each freeze state (weights, grads, optimizer, activations)",
+    )
+    plan.add_argument(
+        "--model", required=True, help="import path of a model or factory (built on meta)"
+    )
+    plan.add_argument("--model-kwargs", default="", help="JSON keyword arguments for the factory")
+    plan.add_argument(
+        "--input-shape", required=True, help="the batch of one rank, e.g. 2,3,1024,1024"
+    )
+    plan.add_argument(
+        "--module",
+        action="append",
+        required=True,
+        help="a stage that freezes (comma-separated names freeze together); repeat for "
+        "layer-wise stages, front first",
+    )
+    plan.add_argument("--optimizer", choices=["adamw", "adam", "sgd-momentum", "sgd"],
+                      default="adamw")  # fmt: skip
+    plan.add_argument(
+        "--precision", choices=["fp32", "bf16-mixed", "fp16-mixed", "bf16", "bf16-master"],
+        default="fp32",
+    )  # fmt: skip
+    plan.add_argument(
+        "--sharding", choices=["none", "ddp", "fsdp", "zero1", "zero2", "zero3"], default="none"
+    )
+    plan.add_argument("--world-size", type=int, default=1, help="ranks")
+    plan.add_argument("--step", choices=["foreach", "for-loop", "fused"], default="foreach",
+                      help="optimizer implementation (its temporaries)")  # fmt: skip
+    plan.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    plan.set_defaults(run=_plan_memory)
     return parser
 
 

@@ -24,12 +24,15 @@ if ! { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade "
   exit 1
 fi
 "$venv/bin/python" -c "import torch; print(f'core tests on torch {torch.__version__} ($which)')"
-# The core: everything but the framework integrations, the CLI/demo and the benchmarks.
+# The core: everything but the framework integrations, the CLI/demo and the benchmarks;
+# FSDP2 (whose internals freezesched reads to find sharded parameters) on each torch.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_schedules.py tests/test_guard.py tests/test_guard_adversarial.py \
   tests/test_controller.py tests/test_first_hour.py tests/test_profiling_flops.py \
   tests/test_profiling_run.py tests/test_profiling_memory.py tests/test_amp.py \
-  tests/test_ddp.py tests/test_architecture.py tests/test_trainable_rules.py
+  tests/test_ddp.py tests/test_architecture.py tests/test_trainable_rules.py \
+  tests/test_distributed.py tests/test_memory_plan.py \
+  tests/test_scale_out.py::test_fsdp2_freezing_per_block_and_in_the_root_group
 if [ "$which" = newest ]; then
   # PEFT and timm (optional extras, issue 16): torchvision built for this torch, timm,
   # peft (which brings transformers and accelerate) and Lightning, then their tests, the

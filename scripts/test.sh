@@ -12,6 +12,8 @@ python -m pytest -q
 # The core tests once more on the oldest supported torch and on the newest available.
 bash scripts/other_torch.sh min
 bash scripts/other_torch.sh newest
+# DeepSpeed ZeRO 1-3 on its CPU accelerator, in its own environment (an optional extra).
+bash scripts/deepspeed_test.sh
 # The MMRotate example's CPU smoke test, in its own environment (mmcv is compiled once).
 bash scripts/mmrotate_env.sh
 .venv-mmrotate/bin/python -m pytest -q examples/mmrotate_dota/tests

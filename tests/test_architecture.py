@@ -25,6 +25,7 @@ LAYERS = {
     "freezing": {"schedules"},
     "profiling": {"schedules", "freezing"},
     "integrations": {"schedules", "freezing"},
+    "distributed": {"schedules", "freezing"},
     "plot": {"schedules"},
     "demo": {"schedules", "freezing", "profiling"},
     "__main__": {"schedules", "freezing", "profiling", "demo", "plot"},

@@ -6,6 +6,8 @@ same; the 2-process runs are in test_ddp.py and test_integration_mmengine.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +15,15 @@ from helpers import batch, make_net, tensors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from freezesched import Constant, FreezeController, FrozenStageGuard, Step, freeze, is_frozen
+from freezesched import (
+    Constant,
+    FreezeController,
+    FrozenStageGuard,
+    Step,
+    UnfreezeAt,
+    freeze,
+    is_frozen,
+)
 
 
 @pytest.fixture
@@ -74,3 +84,59 @@ def test_a_part_frozen_before_wrapping_needs_no_unused_parameter_search(group):
             opt.step()
             opt.zero_grad()
         assert all(torch.equal(v, before[k]) for k, v in tensors(model.backbone).items())
+
+
+# --- point 4 of issue 14: which schedules each DDP setup can follow -------------------------
+
+
+def test_a_schedule_that_never_freezes_a_managed_part_is_allowed_and_one_that_may_is_not(group):
+    ddp = DDP(make_net())  # find_unused_parameters=False
+    FreezeController(ddp, {"backbone": Constant(False)}).release()
+    FreezeController(ddp, {"backbone": Step(1)}).release()  # Step(1): never frozen
+    for schedule in (Step(2), Constant(True), UnfreezeAt(3), lambda tick: tick > 5):
+        with pytest.raises(ValueError, match="scheduled to freeze at some tick"):
+            FreezeController(ddp, {"backbone": schedule})
+
+
+def test_a_part_frozen_before_wrapping_trains_without_unused_parameter_search(group):
+    model = make_net()
+    ctrl = FreezeController(model, {"backbone": Constant(True)})
+    ctrl.apply(0)
+    ddp = DDP(model)  # find_unused_parameters=False: the frozen backbone is left out
+    # Given the wrapper, a controller accepts a part DDP left out only if it stays frozen.
+    FreezeController(ddp, {"backbone": Step(math.inf)}).release()
+    with pytest.raises(ValueError, match="never synchronizes them") as info:
+        FreezeController(ddp, {"backbone": UnfreezeAt(4)})
+    assert "silently diverge" in str(info.value)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = tensors(model.backbone)
+    for step in range(3):
+        ctrl.apply(step)
+        _step(ddp, step)
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(v, before[k]) for k, v in tensors(model.backbone).items())
+    ctrl.release()
+
+
+def test_unfreezing_what_ddp_never_synchronizes_is_refused_before_the_epoch(group):
+    model = make_net()
+    ctrl = FreezeController(model, {"backbone": UnfreezeAt(2)})
+    ctrl.apply(0)
+    ddp = DDP(model, find_unused_parameters=True)  # built while the backbone is frozen
+    for tick in range(2):
+        ctrl.apply(tick)
+        _step(ddp, tick)  # the forward hook sees ddp being called
+    with pytest.raises(ValueError, match="silently diverge"):
+        ctrl.apply(2)
+    assert all(is_frozen(p) for p in model.backbone.parameters())  # nothing changed
+    ctrl.release()
+
+
+def test_the_guard_refuses_a_call_while_a_part_ddp_never_synchronizes_trains(group):
+    model = make_net()
+    with freeze(model.backbone):
+        ddp = DDP(model, find_unused_parameters=True)
+    # The backbone trains again, but DDP never averages its gradients.
+    with pytest.raises(ValueError, match="they require grad now"), freeze(model.neck):
+        _step(ddp, 0)

@@ -8,9 +8,14 @@ all three are thin faces of :mod:`freezesched.freezing._mechanism`, configured b
 
 from freezesched.freezing._amp import FreezeAwareGradScaler, has_grads
 from freezesched.freezing._controller import FreezeController
-from freezesched.freezing._distributed import check_ddp_settings, unwrap
+from freezesched.freezing._distributed import (
+    check_ddp_settings,
+    constant_decision,
+    managed_parameters,
+    unwrap,
+)
 from freezesched.freezing._guard import FrozenRegion, FrozenStageGuard, freeze
-from freezesched.freezing._mechanism import is_frozen
+from freezesched.freezing._mechanism import is_frozen, thawed
 from freezesched.freezing._optim import LRRamp, check_optimizers, reset_optimizer_state
 from freezesched.freezing._policy import (
     FreezePolicy,
@@ -36,10 +41,13 @@ __all__ = [
     "TrainableSpec",
     "check_ddp_settings",
     "check_optimizers",
+    "constant_decision",
     "freeze",
     "has_grads",
     "is_frozen",
+    "managed_parameters",
     "reset_optimizer_state",
     "resolve_policy",
+    "thawed",
     "unwrap",
 ]

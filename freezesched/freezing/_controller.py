@@ -14,7 +14,13 @@ from torch import nn
 from typing_extensions import Self
 
 from freezesched._validation import check_tick, describe
-from freezesched.freezing._distributed import check_ddp_settings, managed_parameters, unwrap
+from freezesched.freezing._distributed import (
+    check_unfreeze,
+    check_wrapper,
+    constant_decision,
+    fsdp2_sharded_counterparts,
+    unwrap,
+)
 from freezesched.freezing._mechanism import (
     Hold,
     Plan,
@@ -99,7 +105,10 @@ class FreezeController:
     Resuming: :meth:`state_dict` / :meth:`load_state_dict` (the tick is the whole state,
     since schedules are pure) re-enter the freeze state of the saved tick without
     touching any optimizer; restore the optimizer from its own checkpoint, in either
-    order.
+    order (``torch.distributed.checkpoint``'s ``set_state_dict`` skips the optimizer
+    state of frozen parameters: restore through ``freezesched.distributed.load``, or the
+    optimizer first; the first :meth:`apply` after a resume refuses the other order when
+    the lost state would matter).
 
     Args:
         model: The model holding the submodules; names are looked up inside a
@@ -194,13 +203,22 @@ class FreezeController:
         plans = [plan_freeze(m, self.policy) for m in modules.values()]
         if self.policy.trainable:
             check_patterns_matched(self.policy, plans, "the scheduled modules")
-        self._check_ddp(plans)
+        check_wrapper(
+            model,
+            [
+                (name, plan.params, self._constant(name))
+                for name, plan in zip(modules, plans, strict=True)
+            ],
+        )
         self._groups = self._ramp_groups(plans) if self.policy.unfreeze_lr else {}
         self._ramp = LRRampHooks(self.optimizers) if self.policy.unfreeze_lr else None
         self._holds: dict[str, tuple[nn.Module, Hold]] = {}
         #: name -> the module found able to train when it last became trainable.
         self._trainable: dict[str, weakref.ref[nn.Module]] = {}
         self._tick: int | None = None
+        #: (optimizer index, parameter name) that had optimizer state in the loaded state,
+        #: checked at the first apply() after load_state_dict().
+        self._expected_state: list[tuple[int, str]] = []
 
     @property
     def on_unfreeze(self) -> OptimizerPolicy:
@@ -226,19 +244,10 @@ class FreezeController:
                     out[name] = module
         return out
 
-    def _check_ddp(self, plans: list[Plan]) -> None:
-        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return
-        ddp = self.model
-        if ddp.find_unused_parameters and not getattr(ddp, "static_graph", False):
-            return
-        managed = {id(p) for p in managed_parameters(ddp)}
-        if any(id(p) in managed for plan in plans for p in plan.params):
-            check_ddp_settings(
-                ddp.find_unused_parameters,
-                bool(getattr(ddp, "static_graph", False)),
-                where="model",
-            )
+    def _constant(self, name: str) -> bool | None:
+        """Whether ``name`` is frozen at every tick (``True``), at none, or may toggle."""
+        t, s = self._stage_of(name)
+        return constant_decision(self._targets[t].schedule, s)
 
     def _ramp_groups(self, plans: list[Plan]) -> dict[tuple[int, int], str]:
         """(optimizer, group) -> the scheduled name whose parameters fill that group."""
@@ -302,6 +311,8 @@ class FreezeController:
 
     def _apply(self, tick: int, *, resume: bool) -> dict[str, bool]:
         tick = check_tick(tick, "tick")
+        if not resume and self._expected_state:
+            self._check_restored_optimizer_state()
         # Decide, resolve and plan everything before changing anything.
         wanted: dict[str, bool] = {}
         for target in self._targets:
@@ -316,6 +327,14 @@ class FreezeController:
             for name, frozen in wanted.items()
             if frozen and (name not in self._holds or self._holds[name][0] is not modules[name])
         }
+        leaving = [
+            p
+            for name, (module, hold) in self._holds.items()
+            if module is modules[name] and not wanted[name]
+            for p in hold.sole_params()
+        ]
+        if leaving:  # a wrapper that never synchronizes them would let the ranks diverge
+            check_unfreeze(leaving, f"unfreezing at tick {tick}")
         freed: list[nn.Parameter] = []
         for name in list(self._holds):
             module, hold = self._holds[name]
@@ -388,6 +407,84 @@ class FreezeController:
         self._ramp.factors = factors
         self._ramp.install()
 
+    def _named_params(self, name: str, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters freezing ``module`` freezes, by name in the model.
+
+        Under FSDP2 a module may hold the unsharded copy of a parameter (after a forward
+        without backward); the name then stands for the sharded parameter the optimizer
+        steps, whatever FSDP2 holds at the moment.
+        """
+        plan = plan_freeze(module, self.policy)
+        out: dict[str, nn.Parameter] = {}
+        for owner, attr, param in plan.slots:
+            inner = plan.names.get(id(owner), "")
+            local = f"{inner}.{attr}" if inner else attr
+            sharded = fsdp2_sharded_counterparts([(owner, attr, param)])
+            out.setdefault(f"{name}.{local}" if name else local, sharded[0] if sharded else param)
+        return out
+
+    def _scheduled_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter the schedules freeze, by its name in the model."""
+        out: dict[str, nn.Parameter] = {}
+        for name, module in self._resolve().items():
+            for key, param in self._named_params(name, module).items():
+                out.setdefault(key, param)
+        return out
+
+    def _optimizer_state_names(self) -> list[list[str]]:
+        scheduled = self._scheduled_parameters()
+        return [
+            sorted(n for n, p in scheduled.items() if opt.state.get(p)) for opt in self.optimizers
+        ]
+
+    def _check_restored_optimizer_state(self) -> None:
+        expected, self._expected_state = self._expected_state, []
+        if self.on_unfreeze != "keep":
+            return  # "reset" drops it at the unfreeze anyway: nothing depends on it
+        scheduled = self._scheduled_parameters()
+        lost = [
+            name
+            for i, name in expected
+            if i < len(self.optimizers)
+            and name in scheduled
+            and not self.optimizers[i].state.get(scheduled[name])
+        ]
+        if lost:
+            raise ValueError(
+                f"the optimizer state of {len(lost)} scheduled parameter(s) (e.g. {lost[0]!r}) "
+                "was saved with this controller's state but is missing now. With "
+                "on_unfreeze='keep' it is used when they unfreeze, so the run would differ "
+                "from the uninterrupted one. torch.distributed.checkpoint's set_state_dict "
+                "loads optimizer state only for parameters that require grad: restore it "
+                "before this controller (or use freezesched.distributed.load, which restores "
+                "in any order)"
+            )
+
+    def untrained_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters frozen at every tick from 0 through the last applied one, by name.
+
+        In a run that started at tick 0 (and applied this controller before its first
+        step) these were never updated: they still hold the weights the run started from.
+        ``freezesched.distributed.save(..., only_trained=True)`` leaves them out of
+        checkpoints (and records fingerprints to check them when loading).
+
+        Returns:
+            ``{name in the model: parameter}``; empty before the first :meth:`apply`.
+        """
+        if self._tick is None:
+            return {}
+        modules = self._resolve()
+        out: dict[str, nn.Parameter] = {}
+        for target in self._targets:
+            line = timeline(target.schedule, self._tick + 1, 0, len(target.stages))
+            for s, stage in enumerate(target.stages):
+                if not line[:, s].all():
+                    continue
+                for name in stage:
+                    for key, param in self._named_params(name, modules[name]).items():
+                        out.setdefault(key, param)
+        return out
+
     def release(self) -> None:
         """Unfreeze everything this controller froze (optimizer state is left alone)."""
         holds, self._holds = self._holds, {}
@@ -430,14 +527,21 @@ class FreezeController:
 
         Schedules are pure, so the tick is the whole state; the schedule configs are
         stored to catch resuming with different schedules. ``tick`` is ``None`` before
-        the first :meth:`apply`.
+        the first :meth:`apply`. With optimizers, ``optimizer_state`` lists, per
+        optimizer, the scheduled parameters that have optimizer state: the first
+        :meth:`apply` after :meth:`load_state_dict` checks that the restored optimizers
+        still have it (``torch.distributed.checkpoint`` drops the state of parameters
+        frozen when it loads), so a lost Adam moment is an error, not a divergence.
         """
-        return {
+        state: dict[str, Any] = {
             "version": self.STATE_VERSION,
             "tick": self._tick,
             "on_unfreeze": self.on_unfreeze,
             "targets": self._schedule_configs(),
         }
+        if self.optimizers:
+            state["optimizer_state"] = self._optimizer_state_names()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
         """Re-enter the freeze state of a :meth:`state_dict`, touching no optimizer.
@@ -482,3 +586,9 @@ class FreezeController:
             self.release()
         else:
             self._apply(tick, resume=True)
+        saved = state.get("optimizer_state")
+        self._expected_state = (
+            [(i, str(n)) for i, names in enumerate(saved) for n in names]
+            if isinstance(saved, list | tuple)
+            else []
+        )

@@ -34,6 +34,7 @@ and a Ctrl-C arriving meanwhile is delivered once the model is consistent again.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import importlib
@@ -44,7 +45,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
@@ -57,7 +58,11 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.parameter import is_lazy
 
 from freezesched._validation import describe
-from freezesched.freezing._distributed import check_ddp_call
+from freezesched.freezing._distributed import (
+    check_call,
+    check_flat_parameter_views,
+    fsdp2_sharded_counterparts,
+)
 from freezesched.freezing._policy import FreezePolicy, TrainableRule
 
 __all__ = [
@@ -70,6 +75,7 @@ __all__ = [
     "is_main_thread",
     "plan_freeze",
     "restored_requires_grad",
+    "thawed",
 ]
 
 # --- what a module is ------------------------------------------------------------------
@@ -374,9 +380,10 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
     """Work out what freezing ``module`` under ``policy`` touches, without touching it.
 
     Raises:
-        ValueError: a parameter is an uninitialized lazy parameter, or a submodule or
+        ValueError: a parameter is an uninitialized lazy parameter, a submodule or
             parameter reachable under two names is a trainable exception under one and
-            frozen under the other.
+            frozen under the other, or a module's parameters are flattened by
+            ``FullyShardedDataParallel(use_orig_params=False)``.
     """
     specs = policy.trainable
     matched: set[int] = set()
@@ -412,6 +419,8 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
         module_status[id(sub)] = (exempt, name)
         names[id(sub)] = name
         modules.append(sub)
+        if not exempt:
+            check_flat_parameter_views(sub, name)  # FSDP1 without use_orig_params
         for pname, param in sub._parameters.items():
             if param is None:
                 continue
@@ -458,6 +467,10 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
                 scripted.append((sub, name))
         elif kinds:
             watch.append((sub, kinds, name))
+    # FSDP2 registers an unsharded copy between all-gather and reshard and copies
+    # requires_grad from the sharded parameter at the next all-gather: freeze that one too.
+    for sharded in fsdp2_sharded_counterparts(slots):
+        params.setdefault(id(sharded), sharded)
     return Plan(
         module=module,
         params=list(params.values()),
@@ -643,6 +656,52 @@ def restored_requires_grad(param: torch.Tensor) -> bool:
         return param.requires_grad
 
 
+@contextlib.contextmanager
+def thawed(params: Iterable[torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Give frozen parameters their own ``requires_grad`` back for a block; refreeze after.
+
+    For tools that read ``requires_grad`` to decide what to save or load (e.g.
+    ``torch.distributed.checkpoint``'s ``set_state_dict``, which loads optimizer state
+    only for parameters that require grad), not for training: the holds stay, and on
+    exit every parameter that is still held is frozen again with ``.grad = None``.
+
+    Args:
+        params: Restrict to these parameters (default: every frozen one).
+
+    Yields:
+        The parameters that were thawed.
+
+    Examples:
+        >>> from freezesched import freeze
+        >>> layer = nn.Linear(2, 2)
+        >>> with freeze(layer):
+        ...     with thawed() as thawed_params:
+        ...         print(layer.weight.requires_grad, len(thawed_params))
+        ...     print(layer.weight.requires_grad)
+        True 2
+        False
+    """
+    wanted = None if params is None else {id(p) for p in params}
+    done: list[torch.Tensor] = []
+    with _LOCK:
+        for key, record in list(_PARAMS.items()):
+            param = record.ref()
+            if param is None or (wanted is not None and key not in wanted):
+                continue
+            if record.requires_grad and not param.requires_grad:
+                param.requires_grad = True
+                done.append(param)
+    try:
+        yield list(done)
+    finally:
+        with _LOCK:
+            for thawed_param in done:
+                held = _PARAMS.get(id(thawed_param))
+                if held is not None and held.ref() is thawed_param and held.holders:
+                    thawed_param.requires_grad = False
+                    thawed_param.grad = None
+
+
 # --- the global forward hooks -------------------------------------------------------------
 
 #: Our slot in torch's global forward-hook dictionaries: always the same key and the same
@@ -678,8 +737,7 @@ def _open_calls() -> list[int]:
 
 
 def _pre_hook(module: nn.Module, args: Any) -> None:
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        check_ddp_call(module, is_frozen)
+    check_call(module, is_frozen)  # DDP / DeepSpeed settings that freezing would break
     if _compiling():  # traced once per freeze state: only the mode matters in a graph
         traced = _WATCH.get(id(module))
         if traced is not None and traced.kinds & EVAL:
@@ -1103,6 +1161,15 @@ class Hold:
             except BaseException:
                 self.release()
                 raise
+
+    def sole_params(self) -> list[nn.Parameter]:
+        """The parameters that only this hold keeps frozen (they unfreeze on release)."""
+        out = []
+        for param in self.plan.params:
+            record = _PARAMS.get(id(param))
+            if record is not None and record.ref() is param and record.holders == {self.key}:
+                out.append(param)
+        return out
 
     def release(self) -> list[nn.Parameter]:
         """Undo this hold (idempotent); return the parameters it was the last to hold.

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from freezesched.profiling._flops import FlopCount, StepFlops
 
-__all__ = ["Convention", "PhaseCost", "RunCost", "StepCost"]
+__all__ = ["Convention", "MemoryPhase", "MemoryPlan", "PhaseCost", "RunCost", "StepCost"]
 
 Convention = Literal["measured", "2x"]
 
@@ -405,3 +405,98 @@ def _average_costs(
         flops = flops + cost.flops.scaled(w / total)
         frozen_forward += cost.frozen_forward * w / total
     return StepCost(first.frozen_modules, flops, round(frozen_forward))
+
+
+@dataclass(frozen=True)
+class MemoryPhase:
+    """Bytes per rank in one freeze state of a memory plan (see ``plan_memory``).
+
+    Attributes:
+        label: The phase (``"trainable"``, ``"frozen"``, ``"stages 1-2 frozen"``).
+        frozen_modules: Names of the frozen modules.
+        trainable_elements: Trainable parameter elements (whole model, not per rank).
+        frozen_elements: Frozen parameter elements (whole model).
+        weights: Bytes of model weights held per rank (sharded or not).
+        gradients: Bytes of gradients per rank at the end of backward.
+        optimizer: Bytes of optimizer state per rank (moments, and an fp32 master copy
+            where the precision keeps one).
+        activations: Bytes autograd keeps for backward per rank (its own batch),
+            measured on fake tensors; weights saved by layers are not counted again.
+        buffers: Communication buffers per rank: DDP's gradient buckets, FSDP / ZeRO-3's
+            gathered units, ZeRO-1/2's reduce bucket.
+        transient: The largest short-lived allocation on top: the backward's first
+            gradients or the optimizer step's temporaries, whichever the peak meets.
+        peak: ``weights + optimizer + buffers + max(activations + backward temporaries,
+            gradients + step temporaries)``: the estimated peak per rank.
+    """
+
+    label: str
+    frozen_modules: tuple[str, ...]
+    trainable_elements: int
+    frozen_elements: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    buffers: int
+    transient: int
+    peak: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-safe)."""
+        return {
+            "label": self.label,
+            "frozen_modules": list(self.frozen_modules),
+            "trainable_elements": self.trainable_elements,
+            "frozen_elements": self.frozen_elements,
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "buffers": self.buffers,
+            "transient": self.transient,
+            "peak": self.peak,
+        }
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What each freeze state of a run will hold in memory, per rank, before launching it.
+
+    Attributes:
+        model: A description of the model.
+        input_shape: The per-rank batch shape the activations were measured at.
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd-momentum"`` or ``"sgd"``.
+        precision: ``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16"`` or
+            ``"bf16-master"``.
+        sharding: ``"none"``, ``"ddp"``, ``"fsdp"``, ``"zero1"``, ``"zero2"``, ``"zero3"``.
+        world_size: Ranks.
+        phases: One :class:`MemoryPhase` per freeze state, nothing frozen first.
+        notes: The assumptions behind the numbers.
+    """
+
+    model: str
+    input_shape: tuple[int, ...]
+    optimizer: str
+    precision: str
+    sharding: str
+    world_size: int
+    phases: tuple[MemoryPhase, ...]
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-safe)."""
+        return {
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "optimizer": self.optimizer,
+            "precision": self.precision,
+            "sharding": self.sharding,
+            "world_size": self.world_size,
+            "phases": [p.to_dict() for p in self.phases],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        """The plan as JSON."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)

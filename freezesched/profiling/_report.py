@@ -15,9 +15,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from freezesched.profiling._flops import OUTSIDE, StepFlops
-from freezesched.profiling._record import RunCost
+from freezesched.profiling._record import MemoryPlan, RunCost
 
-__all__ = ["Format", "render_modules", "render_phases", "render_runs", "render_table"]
+__all__ = [
+    "Format",
+    "render_memory",
+    "render_modules",
+    "render_phases",
+    "render_runs",
+    "render_table",
+]
 
 Format = Literal["text", "markdown", "csv", "json"]
 FORMATS: tuple[Format, ...] = ("text", "markdown", "csv", "json")
@@ -292,5 +299,62 @@ def render_modules(step: StepFlops, fmt: Format = "text", *, depth: int | None =
         ("weight_grad", "weight grad"),
         ("backward_unsplit", "backward (unsplit)"),
         ("total", "total"),
+    ]
+    return render_table(rows, columns, fmt)
+
+
+def _gib(value: int) -> float:
+    return value / 2**30
+
+
+def render_memory(plan: MemoryPlan, fmt: Format = "text") -> str:
+    """A memory plan, one row per freeze state: GiB per rank by kind, and the peak.
+
+    Text and Markdown show GiB (2**30 bytes); CSV and JSON keep bytes.
+
+    Examples:
+        >>> from freezesched.profiling import MemoryPhase, MemoryPlan
+        >>> phase = MemoryPhase("frozen", ("backbone",), 10, 90, weights=400, gradients=40,
+        ...                     optimizer=80, activations=2**30, buffers=0, transient=0,
+        ...                     peak=2**30 + 480)
+        >>> plan = MemoryPlan("toy", (1, 3), "adamw", "fp32", "none", 1, (phase,))
+        >>> print(render_memory(plan, "csv"))
+        phase,frozen,trainable,weights,gradients,optimizer,activations,buffers,transient,peak
+        frozen,backbone,10,400,40,80,1073741824,0,0,1073742304
+        >>> print(render_memory(plan).splitlines()[1].split()[-1])  # GiB in text
+        1
+    """
+    raw = fmt in ("csv", "json")
+
+    def size(value: int) -> float | int:
+        return value if raw else round(_gib(value), 2)
+
+    rows = [
+        {
+            "phase": p.label,
+            "frozen": ", ".join(p.frozen_modules) or "-",
+            "trainable": p.trainable_elements,
+            "weights": size(p.weights),
+            "gradients": size(p.gradients),
+            "optimizer": size(p.optimizer),
+            "activations": size(p.activations),
+            "buffers": size(p.buffers),
+            "transient": size(p.transient),
+            "peak": size(p.peak),
+        }
+        for p in plan.phases
+    ]
+    unit = "" if raw else " GiB"
+    columns: list[Column] = [
+        ("phase", "phase"),
+        ("frozen", "frozen"),
+        ("trainable", "trainable"),
+        ("weights", f"weights{unit}"),
+        ("gradients", f"grads{unit}"),
+        ("optimizer", f"optimizer{unit}"),
+        ("activations", f"activations{unit}"),
+        ("buffers", f"buffers{unit}"),
+        ("transient", f"transient{unit}"),
+        ("peak", f"peak{unit}"),
     ]
     return render_table(rows, columns, fmt)
