@@ -54,8 +54,15 @@ def feed(schedule, values, *, start=0):
         # max, absolute threshold 0.05, no patience, cooldown 1, unlimited switches,
         # starting frozen: flips after the observations of ticks 2, 4 and 7.
         (
-            Plateau(mode="max", patience=0, threshold=0.05, threshold_mode="abs", cooldown=1,
-                    max_switches=None, start_frozen=True),
+            Plateau(
+                mode="max",
+                patience=0,
+                threshold=0.05,
+                threshold_mode="abs",
+                cooldown=1,
+                max_switches=None,
+                start_frozen=True,
+            ),
             [0.5, 0.6, 0.62, 0.7, 0.7, 0.71, 0.8, 0.8],
             [1, 1, 1, 0, 0, 1, 1, 1, 0],
         ),
@@ -261,7 +268,9 @@ def test_a_future_tick_is_refused_not_invented():
     s = WarmupThenFreeze(2, then=Plateau(patience=0))
     assert s.horizon == 3  # the warm-up and the Plateau's own tick 0 are known
     assert s.timeline(3).tolist() == [False, False, False]
-    with pytest.raises(UndecidedTickError, match=r"tick 5 of WarmupThenFreeze\(2, then=Plat") as info:
+    with pytest.raises(
+        UndecidedTickError, match=r"tick 5 of WarmupThenFreeze\(2, then=Plat"
+    ) as info:
         s(5)
     assert info.value.tick == 5 and info.value.horizon == 3 and isinstance(info.value, ValueError)
     assert "first undecided tick is 3" in str(info.value)
@@ -288,7 +297,9 @@ def test_observations_must_come_in_order_and_in_time():
     with pytest.raises(ValueError, match=r"after the last observed tick \(3\)"):
         s.observe(1, 1.0)
     commit(s, 6)
-    with pytest.raises(ValueError, match="tick 4 .* observed too late: tick 6 was already decided"):
+    with pytest.raises(
+        ValueError, match=r"tick 4 .* observed too late: tick 6 was already decided"
+    ):
         s.observe(4, 1.0)
     s.observe(6, 1.0)  # tick 7 is not decided yet: fine
     assert s.last_observed == 6
@@ -345,7 +356,11 @@ def test_one_adaptive_object_cannot_be_used_twice_in_a_schedule():
         (lambda: Plateau(mode="mean"), ValueError, "mode must be one of ['max', 'min']"),
         (lambda: Plateau(patience=-1), ValueError, "patience must be an int in [0"),
         (lambda: Plateau(patience=1.5), TypeError, "patience must be an int"),
-        (lambda: Plateau(threshold=-0.1), ValueError, "threshold must be a finite real number >= 0"),
+        (
+            lambda: Plateau(threshold=-0.1),
+            ValueError,
+            "threshold must be a finite real number >= 0",
+        ),
         (lambda: Plateau(threshold_mode="pct"), ValueError, "threshold_mode must be one of"),
         (lambda: Plateau(cooldown=True), TypeError, "cooldown must be an int"),
         (lambda: Plateau(max_switches=0), ValueError, "max_switches (or None for no limit)"),
@@ -357,9 +372,21 @@ def test_one_adaptive_object_cannot_be_used_twice_in_a_schedule():
             ValueError,
             "give exactly one of threshold and percentile",
         ),
-        (lambda: GradientFreeze(3, percentile=0), ValueError, "percentile must be a real in (0, 100]"),
-        (lambda: GradientFreeze(3, percentile=101), ValueError, "percentile must be a real in (0, 100]"),
-        (lambda: GradientFreeze(3, threshold=0.1, max_frozen=4), ValueError, "max_frozen must be an int in [1, 3]"),
+        (
+            lambda: GradientFreeze(3, percentile=0),
+            ValueError,
+            "percentile must be a real in (0, 100]",
+        ),
+        (
+            lambda: GradientFreeze(3, percentile=101),
+            ValueError,
+            "percentile must be a real in (0, 100]",
+        ),
+        (
+            lambda: GradientFreeze(3, threshold=0.1, max_frozen=4),
+            ValueError,
+            "max_frozen must be an int in [1, 3]",
+        ),
     ],
 )
 def test_bad_parameters_raise_a_clear_error(build, error, fragment):
@@ -372,8 +399,15 @@ def test_bad_parameters_raise_a_clear_error(build, error, fragment):
     "s",
     [
         Plateau(),
-        Plateau(mode="max", patience=2, threshold=0.01, threshold_mode="abs", cooldown=1,
-                max_switches=None, start_frozen=True),
+        Plateau(
+            mode="max",
+            patience=2,
+            threshold=0.01,
+            threshold_mode="abs",
+            cooldown=1,
+            max_switches=None,
+            start_frozen=True,
+        ),
         WarmupThenFreeze(5, then=Plateau(patience=1)),
         GradientFreeze(4, percentile=25, max_frozen=3),
         GradientFreeze(2, threshold=0.05),
@@ -410,7 +444,10 @@ def test_copies_and_pickles_carry_the_record():
         (lambda st: st["adaptive"][0].update(horizon=1), "must be past every change"),
         (lambda st: st["adaptive"][0].update(last_observed=None), "must only change after"),
         (lambda st: st["adaptive"][0]["counters"].update(best="x"), "['best'] must be a number"),
-        (lambda st: st["adaptive"][0]["counters"].update(switches=5), "['switches'] must be an int"),
+        (
+            lambda st: st["adaptive"][0]["counters"].update(switches=5),
+            "['switches'] must be an int",
+        ),
     ],
 )
 def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(mutate, fragment):
@@ -520,4 +557,6 @@ def test_gradient_freeze_resumes_through_json_exactly():
 
 def test_plateau_reference_agrees_with_the_docstring_example():
     # The reference itself, against the hand-computed example (so it is not vacuous).
-    assert plateau_switch_ticks(Plateau(patience=1), dict(enumerate([1.0, 0.8, 0.81, 0.79, 0.8, 0.8]))) == [6]
+    assert plateau_switch_ticks(
+        Plateau(patience=1), dict(enumerate([1.0, 0.8, 0.81, 0.79, 0.8, 0.8]))
+    ) == [6]

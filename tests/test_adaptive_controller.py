@@ -20,9 +20,7 @@ STAGES = ("backbone.0", "backbone.1", "backbone.2")
 def test_observe_routes_the_metric_and_apply_decides():
     model = make_net()
     plateau = Plateau(patience=0)
-    ctrl = FreezeController(
-        model, {"backbone": WarmupThenFreeze(1, then=plateau), "neck": Step(2)}
-    )
+    ctrl = FreezeController(model, {"backbone": WarmupThenFreeze(1, then=plateau), "neck": Step(2)})
     assert ctrl.signals == {"metric"}
     frozen = []
     for epoch, val_loss in enumerate([3.0, 2.0, 1.0, 1.5, 0.5]):
@@ -150,8 +148,13 @@ def test_gradient_signal_measures_one_call_in_every():
         nn.functional.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
         signal.record()
         if step % 10 == 0:  # calls 0, 10 and 20 measure
-            by_hand.append(float(torch.linalg.vector_norm(
-                torch.cat([p.grad.reshape(-1) for p in model.neck.parameters()]).double())))
+            by_hand.append(
+                float(
+                    torch.linalg.vector_norm(
+                        torch.cat([p.grad.reshape(-1) for p in model.neck.parameters()]).double()
+                    )
+                )
+            )
         model.zero_grad()
     assert signal.steps == 3 and signal.state_dict()["calls"] == 25
     assert signal.take() == pytest.approx((sum(by_hand) / 3,), rel=1e-6)

@@ -97,6 +97,13 @@ def test_lightning_gradient_freeze_gets_the_gradient_norms(tmp_path):
     assert stage0 == [False, False, True]
 
 
+def test_an_adaptive_schedule_used_in_an_earlier_run_is_refused(tmp_path):
+    schedule = WarmupThenFreeze(1, then=never_improves(patience=1))
+    lightning_fit(tmp_path, "first", schedule, epochs=2)
+    with pytest.raises(ValueError, match="already decided ticks in an earlier run"):
+        lightning_fit(tmp_path, "second", schedule, epochs=2)
+
+
 def test_lightning_monitor_is_checked(tmp_path):
     with pytest.raises(ValueError, match="monitor= must name the metric"):
         FreezeScheduleCallback("backbone", never_improves())
@@ -108,7 +115,7 @@ def test_lightning_monitor_is_checked(tmp_path):
                          enable_checkpointing=False, enable_progress_bar=False,
                          callbacks=[FreezeScheduleCallback("backbone", never_improves(),
                                                            monitor="val_loss")])  # fmt: skip
-    with pytest.raises(ValueError, match="val_check_interval must be 1.0, got 0.5"):
+    with pytest.raises(ValueError, match=r"val_check_interval must be 1\.0, got 0\.5"):
         trainer.fit(Tiny(), loader(), loader())
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
@@ -179,9 +186,9 @@ def test_hf_gradient_freeze_and_checks(tmp_path):
     _, rec = hf_train(tmp_path, "grad", callback, epochs=3, eval_strategy="no")
     assert rec.stage0[::STEPS_PER_EPOCH] == [False, False, True]
     assert schedule.changes == ((0, 0), (2, 1))
-    with pytest.raises(ValueError, match="eval_strategy=...\\) must be 'epoch', got 'steps'"):
+    with pytest.raises(ValueError, match=r"eval_strategy=\.\.\.\) must be 'epoch', got 'steps'"):
         hf_train(tmp_path, "steps", hf_plateau(), epochs=1, eval_strategy="steps")
-    with pytest.raises(ValueError, match="eval_strategy='no'\\) never evaluates"):
+    with pytest.raises(ValueError, match=r"eval_strategy='no'\) never evaluates"):
         hf_train(tmp_path, "none", hf_plateau(), epochs=1, eval_strategy="no")
     typo = HFCallback("backbone", never_improves(), monitor="eval_los")
     with pytest.raises(ValueError, match="monitor='eval_los' must be one of the evaluation"):

@@ -165,9 +165,35 @@ class FreezeSpec:
         return out
 
     def controller(
-        self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        resuming: bool = False,
     ) -> FreezeController:
-        """A :class:`~freezesched.FreezeController` for ``model`` (touches nothing yet)."""
+        """A :class:`~freezesched.FreezeController` for ``model`` (touches nothing yet).
+
+        Args:
+            model: The model.
+            optimizers: Its optimizers.
+            resuming: Whether a checkpoint's state will be loaded into the controller
+                (which replaces the adaptive schedules' records).
+
+        Raises:
+            ValueError: not ``resuming``, and an adaptive schedule object given to the
+                integration already holds decisions from an earlier run.
+        """
+        if not resuming:
+            for key, spec in self.targets.items():
+                if not isinstance(spec, Schedule):
+                    continue  # a config builds a fresh schedule for each controller
+                used = [part for part in spec.adaptive_parts if part.horizon > 1]
+                if used:
+                    raise ValueError(
+                        f"the schedule for {key!r} holds an adaptive schedule that already "
+                        f"decided ticks in an earlier run ({used[0]!r}); a new run needs a "
+                        "new one (or give its config, or resume from the checkpoint)"
+                    )
         return FreezeController(model, self.targets, optimizers=optimizers, policy=self.resolved)
 
 

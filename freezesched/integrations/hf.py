@@ -160,7 +160,7 @@ class FreezeScheduleCallback(TrainerCallback):
         # Accelerate wraps the optimizer; its state lives in the wrapped one.
         inner = getattr(optimizer, "optimizer", optimizer)
         optimizers = [inner] if isinstance(inner, torch.optim.Optimizer) else []
-        self.controller = self.spec.controller(model, optimizers)
+        self.controller = self.spec.controller(model, optimizers, resuming=state.global_step > 0)
         if state.global_step > 0:
             # Resuming: re-enter the freeze state of the last step before the checkpoint
             # (optimizer state untouched: the Trainer restored it from the checkpoint).

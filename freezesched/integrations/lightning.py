@@ -143,7 +143,9 @@ class FreezeScheduleCallback(pl.Callback):
             )
         if self.spec.monitor is not None:
             self._check_validation(trainer)
-        self.controller = self.spec.controller(pl_module, list(trainer.optimizers))
+        self.controller = self.spec.controller(
+            pl_module, list(trainer.optimizers), resuming=bool(self._resumed)
+        )
         if self._resumed:
             self.controller.load_state_dict(self._resumed, strict=False)
             self._resumed = None

@@ -166,7 +166,9 @@ class FreezeScheduleHook(Hook):
                     fix="Add model_wrapper_cfg=dict(type='MMDistributedDataParallel', "
                     "find_unused_parameters=True) to the config",
                 )
-            self.controller = self.spec.controller(model, _optimizers(runner))
+            self.controller = self.spec.controller(
+                model, _optimizers(runner), resuming=self._resumed is not None
+            )
         return self.controller
 
     def by_epoch(self, runner: Any) -> bool:
