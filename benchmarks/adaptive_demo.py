@@ -39,19 +39,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--samples", type=int, default=768)
-    parser.add_argument("--quick", action="store_true", help="one seed, 3 epochs, 64 images")
+    parser.add_argument("--pretrain-epochs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, 32 images")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.epochs, args.samples = [0], 3, 64
+        args.seeds, args.epochs, args.samples, args.pretrain_epochs = [0], 2, 32, 1
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     first_plan: dict[str, Schedule] = {}
     for seed in args.seeds:
         plan = policies(args.epochs)
         results = run_demo(epochs=args.epochs, samples=args.samples, seed=seed, plan=plan,
-                           stream=io.StringIO())  # fmt: skip
+                           pretrain_epochs=args.pretrain_epochs, stream=io.StringIO())  # fmt: skip
         first_plan = first_plan or plan
         print(f"seed {seed}")
         print(render_runs(results, metrics=["val acc %"]))

@@ -36,11 +36,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--quick", action="store_true", help="6 steps at 64x64")
+    parser.add_argument("--quick", action="store_true", help="3 steps at 32x32")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.size = 6, 64
+        args.steps, args.size = 3, 32
     torch.manual_seed(0)
     variants = ("plain", "every 1", "every 10")
     models = {v: ResNet18Detector() for v in variants}

@@ -75,16 +75,16 @@ def test_lightning_plateau_on_a_logged_metric_resumes_exactly(tmp_path):
     expected, got = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
-    # Control: the same checkpoint without the adaptive record decides differently.
+    # Without the adaptive record (a checkpoint of an older version, say), resuming is
+    # refused rather than restarted from a fresh record that would decide differently.
     stripped = torch.load(ckpt, weights_only=False)
     key = "FreezeScheduleCallback{'modules': ['backbone']}"
     stripped["callbacks"][key] = {
         k: v for k, v in stripped["callbacks"][key].items() if k != "adaptive"
     }
     torch.save(stripped, tmp_path / "stripped.ckpt")
-    _, control, _ = lightning_fit(tmp_path, "control", schedule(),
-                                  ckpt_path=tmp_path / "stripped.ckpt")  # fmt: skip
-    assert control != frozen[3:]
+    with pytest.raises(ValueError, match="resuming an adaptive schedule needs its record"):
+        lightning_fit(tmp_path, "control", schedule(), ckpt_path=tmp_path / "stripped.ckpt")
 
 
 def test_lightning_gradient_freeze_gets_the_gradient_norms(tmp_path):
@@ -243,6 +243,10 @@ def test_mmengine_plateau_on_validation_metrics_resumes_exactly(tmp_path, monkey
     assert rec2.frozen == rec.frozen[2:]
     expected, got = final_state(full), final_state(resumed)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    # load_from without resume starts a new run: the adaptive schedule starts afresh.
+    _, rec_new = mm_train(tmp_path, "new", load_from=str(ckpt))
+    assert rec_new.frozen == [False, False, False, True, True]
 
     # Control: without that validation the plateau misses an observation and freezes later.
     monkeypatch.setattr(FreezeScheduleHook, "_validated_after", lambda self, runner, tick: False)

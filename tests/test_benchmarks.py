@@ -70,7 +70,7 @@ def test_gradient_signal_overhead_benchmark_quick(tmp_path):
     out = _run("gradient_signal_overhead.py", "--quick", "--json", str(tmp_path / "g.json"))
     assert "one measured record_gradients()" in out and "every=10" in out
     record = json.loads((tmp_path / "g.json").read_text())
-    assert record["steps"] == 6 and record["stages"] == 5
+    assert record["steps"] == 3 and record["stages"] == 5
     # The signal is a real measurement: one positive norm per backbone stage.
     assert len(record["norms"]) == 5 and all(n > 0 for n in record["norms"])
     assert {"record_fraction_of_step", "step_time_ratio", "median_record_s"} <= set(record)
@@ -86,6 +86,6 @@ def test_adaptive_demo_benchmark_quick(tmp_path):
                         "gradient"]  # fmt: skip
     full, frozen = data["summary"][0], data["summary"][1]
     assert full["flops_vs_full"] == 1.0 and frozen["flops_vs_full"] < 0.5
-    for run in data["runs"]:  # the recorded decisions are what the accounting used
-        assert len(run["decisions"]) == 3
+    for run in data["runs"]:  # the decisions each policy made, epoch by epoch
+        assert len(run["decisions"]) == 2
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"

@@ -19,7 +19,7 @@ from freezesched._validation import describe
 from freezesched.freezing import FreezeController, FreezePolicy, LRRamp, resolve_policy
 from freezesched.schedules import Schedule, ScheduleLike, check_schedule, schedule_from_config
 
-__all__ = ["FreezeSpec", "ScheduleSpec", "log_name", "metric_value"]
+__all__ = ["FreezeSpec", "ScheduleSpec", "log_name", "metric_value", "resume_state"]
 
 #: A schedule, a callable tick -> bool, or a schedule config dict.
 ScheduleSpec = ScheduleLike | Mapping[str, Any]
@@ -195,6 +195,34 @@ class FreezeSpec:
                         "new one (or give its config, or resume from the checkpoint)"
                     )
         return FreezeController(model, self.targets, optimizers=optimizers, policy=self.resolved)
+
+
+def resume_state(
+    spec: FreezeSpec, saved: Mapping[str, Any] | None, *, resuming: bool, where: str
+) -> tuple[Mapping[str, Any] | None, bool]:
+    """What a (re)started integration loads into its controller, and whether strictly.
+
+    Without adaptive schedules: the saved state, if any, leniently (schedules may have
+    changed: the saved tick is re-evaluated under the new ones). With adaptive schedules:
+    a run that resumes must find their record (strictly: the same schedules), or it would
+    decide differently from the uninterrupted run; a run that starts anew (e.g. MMEngine's
+    ``load_from``) ignores a saved state, so its adaptive schedules start fresh.
+
+    Raises:
+        ValueError: resuming adaptive schedules without their record.
+    """
+    if not spec.signals:
+        return (saved or None), False
+    if not resuming:
+        return None, True
+    if not saved or "adaptive" not in saved:
+        raise ValueError(
+            f"resuming an adaptive schedule needs its record, but {where} has none (saved "
+            "without this integration, or by an older freezesched); a fresh record would "
+            "decide differently from the uninterrupted run. Start the run anew, or resume "
+            "with a pure schedule"
+        )
+    return saved, True
 
 
 def metric_value(metrics: Mapping[str, Any], monitor: str, where: str) -> Any:

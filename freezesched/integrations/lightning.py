@@ -37,7 +37,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
-from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name, metric_value
+from freezesched.integrations._common import (
+    FreezeSpec,
+    ScheduleSpec,
+    log_name,
+    metric_value,
+    resume_state,
+)
 
 __all__ = ["FreezeScheduleCallback"]
 
@@ -143,12 +149,16 @@ class FreezeScheduleCallback(pl.Callback):
             )
         if self.spec.monitor is not None:
             self._check_validation(trainer)
-        self.controller = self.spec.controller(
-            pl_module, list(trainer.optimizers), resuming=bool(self._resumed)
+        resuming = trainer.global_step > 0
+        saved, strict = resume_state(
+            self.spec, self._resumed, resuming=resuming, where="the checkpoint"
         )
-        if self._resumed:
-            self.controller.load_state_dict(self._resumed, strict=False)
-            self._resumed = None
+        self._resumed = None
+        self.controller = self.spec.controller(
+            pl_module, list(trainer.optimizers), resuming=saved is not None
+        )
+        if saved is not None:
+            self.controller.load_state_dict(saved, strict=strict)
 
     def _check_validation(self, trainer: pl.Trainer) -> None:
         if not trainer.enable_validation:

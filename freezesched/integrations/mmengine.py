@@ -44,7 +44,13 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 from torch import nn
 
 from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
-from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name, metric_value
+from freezesched.integrations._common import (
+    FreezeSpec,
+    ScheduleSpec,
+    log_name,
+    metric_value,
+    resume_state,
+)
 
 __all__ = ["FreezeScheduleHook"]
 
@@ -148,7 +154,7 @@ class FreezeScheduleHook(Hook):
         self.controller: FreezeController | None = None
         self._resumed: Mapping[str, Any] | None = None
 
-    def _controller(self, runner: Any) -> FreezeController:
+    def _controller(self, runner: Any, *, resuming: bool = False) -> FreezeController:
         if self.controller is None:
             model: nn.Module = runner.model
             if is_model_wrapper(model) and not isinstance(
@@ -166,9 +172,7 @@ class FreezeScheduleHook(Hook):
                     fix="Add model_wrapper_cfg=dict(type='MMDistributedDataParallel', "
                     "find_unused_parameters=True) to the config",
                 )
-            self.controller = self.spec.controller(
-                model, _optimizers(runner), resuming=self._resumed is not None
-            )
+            self.controller = self.spec.controller(model, _optimizers(runner), resuming=resuming)
         return self.controller
 
     def by_epoch(self, runner: Any) -> bool:
@@ -188,16 +192,21 @@ class FreezeScheduleHook(Hook):
         With a metric-driven schedule, also re-run the validation that followed the
         checkpoint in the original run if the checkpoint does not hold its value.
         """
-        controller = self._controller(runner)
         if self.spec.monitor is not None and runner.val_loop is None:
             raise ValueError(
                 f"monitor={self.spec.monitor!r} is read from the validation metrics, but this "
                 "runner has no validation loop (val_dataloader, val_cfg, val_evaluator)"
             )
-        resumed, self._resumed = self._resumed, None
-        if resumed is None:
+        # after_load_checkpoint runs for load_from too; only a resumed loop has advanced.
+        resuming = runner.iter > 0
+        saved, strict = resume_state(
+            self.spec, self._resumed, resuming=resuming, where="the checkpoint"
+        )
+        self._resumed = None
+        controller = self._controller(runner, resuming=saved is not None)
+        if saved is None:
             return
-        controller.load_state_dict(resumed, strict=False)
+        controller.load_state_dict(saved, strict=strict)
         tick = controller.tick
         if (
             self.spec.monitor is not None
