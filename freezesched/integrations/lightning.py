@@ -88,9 +88,11 @@ class FreezeScheduleCallback(pl.Callback):
 
     Raises:
         TypeError, ValueError: a bad argument (at construction); a module name the model
-            lacks, DDP without ``find_unused_parameters=True``, or ``monitor`` with no
-            validation to read it from or several validations per epoch tick (when
-            training starts); a ``monitor`` that was not logged (after validation).
+            lacks, DDP without ``find_unused_parameters=True``, ``monitor`` with no
+            validation to read it from or several validations per epoch tick, resuming
+            an adaptive schedule from a checkpoint without its record, or an adaptive
+            schedule object that already ran (when training starts); a ``monitor`` that
+            was not logged (after validation).
 
     Examples:
         >>> from freezesched import Step

@@ -105,10 +105,11 @@ class FreezeScheduleHook(Hook):
             before any data is loaded) or a gradient-driven schedule; in
             ``before_train``, for a module name the model lacks, a
             ``MMDistributedDataParallel`` without ``find_unused_parameters=True``, a
-            ``monitor`` without a validation loop, or resuming a metric-driven schedule
-            under a train loop other than ``EpochBasedTrainLoop`` and
-            ``IterBasedTrainLoop``; in ``after_val_epoch``, a ``monitor`` that is not
-            among the metrics.
+            ``monitor`` without a validation loop, resuming an adaptive schedule from a
+            checkpoint without its record, or resuming a metric-driven schedule under a
+            train loop other than ``EpochBasedTrainLoop`` and ``IterBasedTrainLoop``; in
+            ``after_val_epoch``, a ``monitor`` that is not among the metrics. (With
+            ``load_from`` and no ``resume``, adaptive schedules start afresh.)
     """
 
     priority = "ABOVE_NORMAL"  # decide before other hooks see the iteration
