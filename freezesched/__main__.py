@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["main"]
@@ -37,11 +37,12 @@ def _schedule(text: str, what: str = "schedule") -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from freezesched.demo import format_table, run_demo, to_json
+    from freezesched.demo import format_table, policies, run_demo, to_json
 
+    plan = policies(args.epochs)
     print(
         f"freezesched demo: fine-tuning a pretrained CNN for {args.epochs} epochs on "
-        f"{args.samples} embedded synthetic images under four policies (CPU)...",
+        f"{args.samples} embedded synthetic images under {len(plan)} policies (CPU)...",
         file=sys.stderr,
     )
     results = run_demo(
@@ -49,13 +50,15 @@ def _demo(args: argparse.Namespace) -> int:
         samples=args.samples,
         pretrain_epochs=args.pretrain_epochs,
         seed=args.seed,
+        plan=plan,
     )
     print(format_table(results))
     print(
-        "frozen: frozen epochs; TFLOPs: measured training FLOPs of the run (FLOPs = 2 x "
-        "MACs); ΔTFLOPs: against full training, measured and with the DBF paper's rule "
-        "(2x: backward = 2 x forward of trainable layers); saved MiB: what autograd keeps "
-        "for backward in a frozen / trainable step",
+        "frozen: frozen epochs (gradient: fraction of the backbone's stages, summed); "
+        "val acc: on a held-out test split; TFLOPs: measured training FLOPs of the run "
+        "(FLOPs = 2 x MACs); ΔTFLOPs: against full training, measured and with the DBF "
+        "paper's rule (2x: backward = 2 x forward of trainable layers); saved MiB: what "
+        "autograd keeps for backward in a frozen / trainable step",
         file=sys.stderr,
     )
     if args.json:
@@ -63,7 +66,7 @@ def _demo(args: argparse.Namespace) -> int:
             f.write(to_json(results) + "\n")
     if args.plot:
         try:
-            _demo_plot(results, args.epochs, args.plot)
+            _demo_plot(results, plan, args.epochs, args.plot)
         except ImportError as error:
             print(f"freezesched demo: no plot written ({error})", file=sys.stderr)
         else:
@@ -71,21 +74,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_plot(results: Sequence[Any], epochs: int, path: str) -> None:
-    """Timelines of the demo's policies above their cumulative training FLOPs."""
-    from freezesched.demo import policies
-    from freezesched.plot import new_axes, plot_cumulative_flops, plot_timeline, save
-    from freezesched.schedules import Layerwise
+def _demo_plot(results: Sequence[Any], plan: Mapping[str, Any], epochs: int, path: str) -> None:
+    """When each policy froze, its cumulative training FLOPs, and accuracy against FLOPs."""
+    from freezesched.plot import new_axes, plot_cumulative_flops, plot_timeline, plot_tradeoff, save
+    from freezesched.schedules import evaluate
 
-    plan = policies(epochs)
-    top = new_axes(8.0, 6.0)
+    labels: list[str] = []
+    for name, schedule in plan.items():
+        n = schedule.num_stages
+        labels += [name] if n == 1 else [f"{name} [stage {i}]" for i in range(n)]
+
+    def rows(tick: int) -> tuple[bool, ...]:  # every policy's decisions, as decided
+        return tuple(d for schedule in plan.values() for d in evaluate(schedule, tick))
+
+    top = new_axes(11.0, 8.0)
     figure: Any = top.figure
     top.remove()
-    upper, lower = figure.subplots(2, 1, height_ratios=[1, 2])
-    plot_timeline(Layerwise(tuple(plan.values())), epochs, stage_labels=list(plan), ax=upper)
-    upper.set_title("when each policy freezes the backbone (filled = frozen)", fontsize="medium")
+    grid = figure.add_gridspec(2, 2, height_ratios=[1, 1.4])
+    upper = figure.add_subplot(grid[0, :])
+    plot_timeline(rows, epochs, stage_labels=labels, ax=upper)
+    upper.set_title("when each policy froze the backbone (filled = frozen)", fontsize="medium")
+    lower = figure.add_subplot(grid[1, 0])
     plot_cumulative_flops({r.label: list(r.curve) for r in results}, ax=lower)
     lower.set_title("training FLOPs, measured by the profiler", fontsize="medium")
+    right = figure.add_subplot(grid[1, 1])
+    points = {r.label: (float(r.flops_measured), r.metrics["val acc %"]) for r in results}
+    plot_tradeoff(points, metric="test accuracy %", ax=right)
+    right.set_title("accuracy against training FLOPs", fontsize="medium")
     save(upper, path)
 
 

@@ -1,4 +1,4 @@
-"""The demo: fine-tune a small pretrained CNN under four freezing policies, on the CPU.
+"""The demo: fine-tune a small pretrained CNN under six freezing policies, on the CPU.
 
 The data are embedded: a fixed procedural generator of *oriented objects* (bright bars at
 random positions and angles, like vehicles and ships in aerial images). A backbone is first
@@ -9,9 +9,14 @@ once per policy, from the same pretrained weights, with the same data order:
 * full training (ρ=1),
 * frozen backbone (ρ=∞, Vasconcelos et al.),
 * DBF (ρ=1 → ρ=5, the paper's Table I recipe at toy scale),
-* a cosine schedule (the duty of trainable epochs anneals from 1 to 0).
+* a cosine schedule (the duty of trainable epochs anneals from 1 to 0),
+* plateau: after the same warm-up as DBF, freeze the backbone for good once the loss on
+  a held-out *monitor* split stops improving (adaptive, :class:`Plateau`),
+* gradient: freeze the backbone's three stages front to back once their gradient norms
+  stop changing (adaptive, AutoFreeze-style :class:`GradientFreeze`).
 
-Run it with ``python -m freezesched demo``.
+Accuracy is measured on a test split that no policy sees while training. Run it with
+``python -m freezesched demo``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TextIO
 
@@ -29,13 +34,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from freezesched.freezing import FrozenStageGuard
+from freezesched.freezing import FrozenStageGuard, GradientSignal
 from freezesched.profiling import FlopAccountant, RunCost, render_runs
-from freezesched.schedules import BinarySchedule, Cosine, Step, WarmupThenFreeze
+from freezesched.schedules import (
+    Cosine,
+    GradientFreeze,
+    Plateau,
+    Schedule,
+    Step,
+    WarmupThenFreeze,
+    timeline,
+)
 
 __all__ = ["format_table", "make_oriented_objects", "policies", "run_demo", "to_json"]
 
 IMAGE = 24
+#: The backbone's stages, by name, for per-stage schedules.
+STAGES = ("backbone.0", "backbone.1", "backbone.2")
 
 
 def make_oriented_objects(
@@ -112,12 +127,20 @@ class DemoNet(nn.Module):
         return logits
 
 
-def policies(epochs: int) -> dict[str, BinarySchedule]:
-    """The demo's four policies for a run of ``epochs`` epochs (tick = epoch).
+def policies(epochs: int) -> dict[str, Schedule]:
+    """The demo's six policies for a run of ``epochs`` epochs (tick = epoch).
+
+    The last two are adaptive: new objects each call, which decide while the demo runs
+    (``plateau`` observes the monitor split's loss after each epoch, ``gradient`` the
+    mean gradient norm of each backbone stage over the epoch). Before that, only their
+    first ticks are decided.
 
     Examples:
-        >>> {name: int(s.timeline(15).sum()) for name, s in policies(15).items()}
+        >>> plan = policies(15)
+        >>> {name: int(s.timeline(15).sum()) for name, s in list(plan.items())[:4]}
         {'full (ρ=1)': 0, 'frozen (ρ=∞)': 15, 'DBF (ρ=1 → ρ=5)': 9, 'cosine': 7}
+        >>> plan["plateau"].horizon, plan["gradient"].horizon  # decided so far
+        (4, 1)
     """
     warmup = max(1, epochs // 5)
     return {
@@ -125,6 +148,8 @@ def policies(epochs: int) -> dict[str, BinarySchedule]:
         "frozen (ρ=∞)": Step(math.inf),
         "DBF (ρ=1 → ρ=5)": WarmupThenFreeze(warmup, then=Step(5)),
         "cosine": Cosine(begin=0, end=epochs),
+        "plateau": WarmupThenFreeze(warmup, then=Plateau(patience=1, threshold=0.01)),
+        "gradient": GradientFreeze(len(STAGES), threshold=0.1, every=1),
     }
 
 
@@ -163,6 +188,14 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct) / len(y)
 
 
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model(x), y))
+    model.train()
+    return loss
+
+
 def _pretrain(samples: int, epochs: int, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     x, y = make_oriented_objects(samples, 4, seed=seed, shifted=False)
@@ -185,12 +218,16 @@ def run_demo(
     pretrain_epochs: int = 4,
     seed: int = 0,
     stream: TextIO | None = None,
+    plan: Mapping[str, Schedule] | None = None,
 ) -> list[RunCost]:
     """Pretrain once, fine-tune under each policy, and return one record per policy.
 
-    Each record has the validation accuracy (``metrics["val acc %"]``), the measured
-    FLOPs per epoch (``curve``), time, FLOPs in both conventions and the bytes autograd
-    kept for backward in a frozen and a trainable step.
+    Each record has the test accuracy (``metrics["val acc %"]``), the measured FLOPs per
+    epoch (``curve``), time, FLOPs in both conventions and the bytes autograd kept for
+    backward in a frozen and a trainable step. Adaptive policies decide as they train:
+    a metric-driven one observes the loss on a monitor split after each epoch, a
+    gradient-driven one the per-stage gradient norms averaged over the epoch; afterwards
+    their schedules hold what they decided (for timelines and plots).
 
     Args:
         epochs: Fine-tuning epochs per policy (the tick of every schedule).
@@ -198,16 +235,19 @@ def run_demo(
         pretrain_epochs: Epochs of source-task pretraining.
         seed: Seed of data, initialisation and data order.
         stream: Where the progress bar goes (default: standard error).
+        plan: The policies, by name (default: :func:`policies`); binary schedules freeze
+            the backbone, per-stage ones its stages (:data:`STAGES`).
 
     Returns:
         One :class:`~freezesched.profiling.RunCost` per policy, in the order of
-        :func:`policies`; full training first.
+        ``plan``.
     """
     stream = sys.stderr if stream is None else stream
     pretrained = _pretrain(samples, pretrain_epochs, seed)
     x, y = make_oriented_objects(samples, 8, seed=seed + 1, shifted=True)
     x_val, y_val = make_oriented_objects(max(256, samples // 3), 8, seed=seed + 2, shifted=True)
-    plan = policies(epochs)
+    x_mon, y_mon = make_oriented_objects(max(128, samples // 6), 8, seed=seed + 5, shifted=True)
+    plan = policies(epochs) if plan is None else plan
     progress = _Progress(len(plan) * epochs, stream)
     results = []
     for name, schedule in plan.items():
@@ -215,7 +255,15 @@ def run_demo(
         model = DemoNet(8)
         model.backbone = copy.deepcopy(pretrained)
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-        guard = FrozenStageGuard(schedule)
+        per_stage = schedule.num_stages > 1
+        guard = FrozenStageGuard(schedule, list(STAGES) if per_stage else None)
+        target = model if per_stage else model.backbone
+        signals = schedule.signals
+        gradients = (
+            GradientSignal([model.get_submodule(n) for n in STAGES])
+            if "gradient_norm" in signals
+            else None
+        )
         accountant = FlopAccountant(model, samples_per_state=1)
         gen = torch.Generator().manual_seed(seed + 4)
         start = time.perf_counter()
@@ -224,14 +272,20 @@ def run_demo(
         for epoch in range(epochs):
             for idx in torch.split(torch.randperm(samples, generator=gen), 32):
                 with (
-                    guard(model.backbone, epoch) as region,
+                    guard(target, epoch) as region,
                     accountant.step(region, batch_size=len(idx)),
                 ):
                     loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                     torch.autograd.backward(loss)
+                if gradients is not None:
+                    gradients.record()
                 opt.step()
                 opt.zero_grad()
             curve.append(accountant.totals().flops_measured)
+            if gradients is not None:
+                schedule.observe(epoch, gradients.take())
+            if "metric" in signals:
+                schedule.observe(epoch, _loss(model, x_mon, y_mon))
             progress.step(f"{name} epoch {epoch + 1}/{epochs}")
         seconds = time.perf_counter() - start
         progress.note(f"  {name}: done in {seconds:.1f} s")
@@ -240,7 +294,7 @@ def run_demo(
             replace(
                 run,
                 ticks=epochs,
-                frozen_ticks=float(schedule.timeline(epochs).sum()),
+                frozen_ticks=float(timeline(schedule, epochs).mean(axis=1).sum()),
                 curve=tuple(curve),
                 metrics={"val acc %": round(100 * _accuracy(model, x_val, y_val), 1)},
             )
@@ -252,7 +306,8 @@ def run_demo(
 def format_table(results: Sequence[RunCost]) -> str:
     """The demo's records as an aligned text table (:func:`render_runs`).
 
-    "frozen" counts frozen epochs; FLOPs are totals over the run, ``TFLOPs = 1e12``
+    "frozen" counts frozen epochs (for a per-stage policy, the fraction of the backbone's
+    stages frozen, summed over epochs); FLOPs are totals over the run, ``TFLOPs = 1e12``
     FLOPs; ΔTFLOPs is measured (what autograd ran) against the full-training run, and
     "(2x)" in the DBF paper's convention (backward = 2 x forward of trainable layers);
     "saved MiB" is what autograd keeps for backward in a frozen / trainable step.

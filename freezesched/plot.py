@@ -7,7 +7,8 @@ returned, so they compose with the rest of a figure:
   per-stage (layer-wise) schedules;
 - :func:`plot_cumulative_flops`: training FLOPs accumulated epoch by epoch for several
   policies against the full-training baseline (see
-  :func:`freezesched.profiling.cumulative_flops`).
+  :func:`freezesched.profiling.cumulative_flops`);
+- :func:`plot_tradeoff`: one point per policy, what it achieved against what it cost.
 
 Figures are built with Matplotlib's object API (no ``pyplot``, so no global state and no
 display needed); :func:`save` writes one to a file.
@@ -26,7 +27,7 @@ from freezesched.schedules import Schedule, ScheduleLike, check_schedule, timeli
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["new_axes", "plot_cumulative_flops", "plot_timeline", "save"]
+__all__ = ["new_axes", "plot_cumulative_flops", "plot_timeline", "plot_tradeoff", "save"]
 
 _FROZEN, _TRAINABLE = "#4c72b0", "#e8e8e8"
 _PREFIXES = {0: "", 3: "k", 6: "M", 9: "G", 12: "T", 15: "P"}
@@ -174,6 +175,53 @@ def plot_cumulative_flops(
     ax.set_xlabel(tick_label)
     ax.set_ylabel(f"cumulative training {unit_name}")
     ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    exponent = 0
+    while exponent < 15 and largest >= 10.0 ** (exponent + 3):
+        exponent += 3
+    return 10.0**exponent, f"{_PREFIXES[exponent]}FLOPs"
+
+
+def plot_tradeoff(
+    points: Mapping[str, tuple[float, float | None]],
+    *,
+    metric: str = "accuracy",
+    ax: Axes | None = None,
+) -> Axes:
+    """Draw one labelled point per policy: training FLOPs (x) against a metric (y).
+
+    Args:
+        points: Policy label -> ``(training FLOPs, metric)``; a ``None`` metric is left
+            out.
+        metric: The metric's name, for the y axis.
+        ax: Draw here; a new ``Axes`` if ``None``.
+
+    Returns:
+        The ``Axes``.
+
+    Raises:
+        ValueError: no point has a metric.
+
+    Examples:
+        >>> ax = plot_tradeoff({"full": (6e12, 70.0), "frozen": (3e12, 31.0)})
+        >>> ax.get_xlabel(), [t.get_text() for t in ax.texts]
+        ('training TFLOPs', ['full', 'frozen'])
+    """
+    shown = {k: (float(x), float(y)) for k, (x, y) in points.items() if y is not None}
+    if not shown:
+        raise ValueError(f"points must hold at least one metric value, got {dict(points)!r}")
+    unit, name = _unit(max(abs(x) for x, _ in shown.values()))
+    ax = ax if ax is not None else new_axes(6.0, 4.0)
+    for label, (x, y) in shown.items():
+        ax.scatter([x / unit], [y], zorder=3)
+        ax.annotate(label, (x / unit, y), textcoords="offset points", xytext=(5, 4),
+                    fontsize="small")  # fmt: skip
+    ax.set_xlabel(f"training {name}")
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     return ax
 

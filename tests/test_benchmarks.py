@@ -64,3 +64,28 @@ def test_compile_switch_benchmark_quick(tmp_path):
     graphs = [r["graphs_compiled_so_far"] for r in data["rows"]]
     assert graphs[1:] == [graphs[1]] * (len(graphs) - 1)  # no recompiles after both states
     assert data["max_abs_diff_vs_eager"] == 0.0  # aot_eager is bitwise
+
+
+def test_gradient_signal_overhead_benchmark_quick(tmp_path):
+    out = _run("gradient_signal_overhead.py", "--quick", "--json", str(tmp_path / "g.json"))
+    assert "one measured record_gradients()" in out and "every=10" in out
+    record = json.loads((tmp_path / "g.json").read_text())
+    assert record["steps"] == 3 and record["stages"] == 5
+    # The signal is a real measurement: one positive norm per backbone stage.
+    assert len(record["norms"]) == 5 and all(n > 0 for n in record["norms"])
+    assert {"record_fraction_of_step", "step_time_ratio", "median_record_s"} <= set(record)
+
+
+def test_adaptive_demo_benchmark_quick(tmp_path):
+    out = _run("adaptive_demo.py", "--quick", "--json", str(tmp_path / "a.json"),
+               "--plot", str(tmp_path / "a.png"))  # fmt: skip
+    assert "summary over seeds [0]" in out
+    data = json.loads((tmp_path / "a.json").read_text())
+    policies = [r["policy"] for r in data["summary"]]
+    assert policies == ["full (ρ=1)", "frozen (ρ=∞)", "DBF (ρ=1 → ρ=5)", "cosine", "plateau",
+                        "gradient"]  # fmt: skip
+    full, frozen = data["summary"][0], data["summary"][1]
+    assert full["flops_vs_full"] == 1.0 and frozen["flops_vs_full"] < 0.5
+    for run in data["runs"]:  # the decisions each policy made, epoch by epoch
+        assert len(run["decisions"]) == 2
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"

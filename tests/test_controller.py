@@ -159,11 +159,25 @@ def test_state_dict_is_versioned_plain_data():
     ctrl.apply(4)
     state = ctrl.state_dict()
     assert state == {
-        "version": 1,
+        "version": 2,
         "tick": 4,
         "on_unfreeze": "reset",
         "targets": [{"modules": ["backbone"], "schedule": {"type": "Step", "rho": math.inf}}],
+        "adaptive": [None],
+        "gradient_signals": {},
+        "last_observed": None,
     }
+    ctrl.release()
+
+
+def test_a_state_saved_by_version_1_still_loads():
+    model = make_net()
+    ctrl = FreezeController(model, {"backbone": Step(3)})
+    ctrl.load_state_dict({
+        "version": 1, "tick": 4, "on_unfreeze": "reset",
+        "targets": [{"modules": ["backbone"], "schedule": {"type": "Step", "rho": 3}}],
+    })  # fmt: skip
+    assert ctrl.tick == 4 and ctrl.frozen == {"backbone": True}
     ctrl.release()
 
 
@@ -183,8 +197,8 @@ def test_load_state_dict_rederives_the_freeze_state():
 @pytest.mark.parametrize(
     ("state", "fragment"),
     [
-        ({"version": 99, "tick": 1}, "state['version'] must be 1, got 99"),
-        ([1, 2], "state['version'] must be 1, got [1, 2]"),
+        ({"version": 99, "tick": 1}, "state['version'] must be 1 or 2, got 99"),
+        ([1, 2], "state['version'] must be 1 or 2, got [1, 2]"),
         (
             {"version": 1, "tick": 1, "targets": [{"modules": ["backbone"], "schedule": None}]},
             "state['targets'] must equal this controller's modules and schedules",

@@ -12,26 +12,52 @@ import pytest
 from freezesched import Step, WarmupThenFreeze
 from freezesched.__main__ import main
 from freezesched.demo import format_table, make_oriented_objects, policies, run_demo
+from freezesched.schedules import timeline
+
+NAMES = ["full (ρ=1)", "frozen (ρ=∞)", "DBF (ρ=1 → ρ=5)", "cosine", "plateau", "gradient"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_results():
-    return run_demo(epochs=5, samples=64, pretrain_epochs=1, seed=0)
+def tiny_plan():
+    plan = policies(5)
+    results = run_demo(epochs=5, samples=64, pretrain_epochs=1, seed=0, plan=plan)
+    return plan, results
 
 
-def test_demo_rows_follow_their_schedules(tiny_results):
-    expected = {name: int(s.timeline(5).sum()) for name, s in policies(5).items()}
-    assert expected == {"full (ρ=1)": 0, "frozen (ρ=∞)": 5, "DBF (ρ=1 → ρ=5)": 3, "cosine": 2}
-    assert [r.label for r in tiny_results] == list(expected)
-    assert {r.label: r.frozen_ticks for r in tiny_results} == expected
-    for r, schedule in zip(tiny_results, policies(5).values(), strict=True):
+@pytest.fixture(scope="module")
+def tiny_results(tiny_plan):
+    return tiny_plan[1][:4]  # the four fixed policies
+
+
+def test_demo_rows_follow_their_schedules(tiny_plan):
+    plan, results = tiny_plan
+    fixed = {name: int(s.timeline(5).sum()) for name, s in list(policies(5).items())[:4]}
+    assert fixed == {"full (ρ=1)": 0, "frozen (ρ=∞)": 5, "DBF (ρ=1 → ρ=5)": 3, "cosine": 2}
+    assert [r.label for r in results] == list(plan) == NAMES
+    # The adaptive schedules decided every epoch while the demo ran; the records say
+    # what they decided, and the accounting followed it.
+    lines = {name: timeline(s, 5) for name, s in plan.items()}
+    assert {r.label: r.frozen_ticks for r in results} == {
+        name: float(line.mean(axis=1).sum()) for name, line in lines.items()
+    }
+    assert {k: v for k, v in zip(NAMES[:4], [0.0, 5.0, 3.0, 2.0], strict=True)} == {
+        r.label: r.frozen_ticks for r in results[:4]
+    }
+    for r in results:
         # 64 samples in batches of 32: 2 steps per epoch, frozen exactly on frozen epochs
-        assert r.steps == 10 and r.frozen_steps == 2 * int(schedule.timeline(5).sum())
+        assert r.steps == 10 and r.frozen_steps == 2 * int(lines[r.label].any(axis=1).sum())
         assert 0.0 <= r.metrics["val acc %"] <= 100.0
         assert r.seconds is not None and r.seconds > 0
         assert len(r.curve) == 5 and r.curve[-1] == r.flops_measured
+    # The plateau observed the monitor loss after each epoch past its warm-up (1 epoch),
+    # the gradient schedule the stages' norms after every epoch.
+    assert plan["plateau"].adaptive_parts[0].last_observed == 3
+    assert plan["gradient"].last_observed == 4
+    # Per-stage freezing is front to back: the frozen stages are a prefix.
+    for row in lines["gradient"]:
+        assert row.tolist() == sorted(row.tolist(), reverse=True)
 
 
 def _phase(run, frozen: bool):
@@ -80,11 +106,15 @@ def test_cli_demo_prints_the_table_and_writes_json_and_a_plot(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out.splitlines()
     rows = json.loads(out.read_text(encoding="utf-8"))
-    expected = [int(s.timeline(2).sum()) for s in policies(2).values()]
-    assert [r["frozen_ticks"] for r in rows] == expected == [0, 2, 0, 1]
+    expected = [int(s.timeline(2).sum()) for s in list(policies(2).values())[:4]]
+    assert [r["frozen_ticks"] for r in rows][:4] == expected == [0, 2, 0, 1]
+    # 2 epochs with a warm-up of 1: the plateau has one observation, no switch yet; the
+    # gradient schedule has its reference only.
+    assert [r["frozen_ticks"] for r in rows][4:] == [0, 0]
     # The printed table's frozen column says the same, policy by policy.
-    assert [line.split("  ")[0].strip() for line in printed[1:]] == list(policies(2))
-    assert [f"{e}/2" in line for e, line in zip(expected, printed[1:], strict=True)] == [True] * 4
+    assert [line.split("  ")[0].strip() for line in printed[1:]] == NAMES
+    frozen = [*expected, 0, 0]
+    assert [f"{e}/2" in line for e, line in zip(frozen, printed[1:], strict=True)] == [True] * 6
     for r in rows:  # the plotted curve ends at the table's total
         assert len(r["curve"]) == 2 and r["curve"][-1] == r["totals"]["flops_measured"]
 

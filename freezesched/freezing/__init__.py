@@ -3,7 +3,8 @@
 :func:`freeze` freezes now, :class:`FrozenStageGuard` freezes a region of code when its
 schedule says so, and :class:`FreezeController` applies schedules at epoch granularity;
 all three are thin faces of :mod:`freezesched.freezing._mechanism`, configured by one
-:class:`FreezePolicy`.
+:class:`FreezePolicy`. :class:`GradientSignal` and :func:`agree_across_ranks` measure
+what adaptive schedules observe and make every rank observe the same.
 """
 
 from freezesched.freezing._amp import FreezeAwareGradScaler, has_grads
@@ -25,6 +26,7 @@ from freezesched.freezing._policy import (
     TrainableSpec,
     resolve_policy,
 )
+from freezesched.freezing._signals import GradientSignal, agree_across_ranks, as_observation
 from freezesched.freezing._targets import TargetSpec
 
 __all__ = [
@@ -33,12 +35,15 @@ __all__ = [
     "FreezePolicy",
     "FrozenRegion",
     "FrozenStageGuard",
+    "GradientSignal",
     "LRRamp",
     "ModePolicy",
     "OptimizerPolicy",
     "TargetSpec",
     "TrainableRule",
     "TrainableSpec",
+    "agree_across_ranks",
+    "as_observation",
     "check_ddp_settings",
     "check_optimizers",
     "constant_decision",

@@ -1,4 +1,10 @@
-"""FreezeController: apply schedules to named submodules for whole epochs, resumably."""
+"""FreezeController: apply schedules to named submodules for whole epochs, resumably.
+
+It also feeds adaptive schedules: :meth:`FreezeController.observe` routes a metric to the
+metric-driven ones, :meth:`FreezeController.record_gradients` measures the per-stage
+gradient norms that gradient-driven ones observe at the next tick, both agreed on by
+every rank; and :meth:`FreezeController.state_dict` saves their records.
+"""
 
 from __future__ import annotations
 
@@ -42,12 +48,14 @@ from freezesched.freezing._policy import (
     TrainableSpec,
     resolve_policy,
 )
+from freezesched.freezing._signals import GradientSignal, agree_across_ranks, as_observation
 from freezesched.freezing._targets import resolve
 from freezesched.schedules import (
+    GradientFreeze,
     Schedule,
     ScheduleLike,
     check_schedule,
-    evaluate,
+    commit,
     num_stages,
     schedule_from_config,
     timeline,
@@ -102,13 +110,24 @@ class FreezeController:
     ``on_unfreeze`` (``"reset"`` by default: stale momentum and Adam moments from before
     the frozen phase are dropped) and ``unfreeze_lr`` (an optional learning-rate ramp).
 
-    Resuming: :meth:`state_dict` / :meth:`load_state_dict` (the tick is the whole state,
-    since schedules are pure) re-enter the freeze state of the saved tick without
-    touching any optimizer; restore the optimizer from its own checkpoint, in either
-    order (``torch.distributed.checkpoint``'s ``set_state_dict`` skips the optimizer
-    state of frozen parameters: restore through ``freezesched.distributed.load``, or the
-    optimizer first; the first :meth:`apply` after a resume refuses the other order when
-    the lost state would matter).
+    Adaptive schedules: :meth:`observe` gives a measured value (a validation loss after
+    an epoch) to every metric-driven schedule (:class:`~freezesched.schedules.Plateau`,
+    also inside combinators); :meth:`record_gradients`, called after each
+    ``backward()``, measures the per-stage gradient norms a
+    :class:`~freezesched.schedules.GradientFreeze` observes, and the next :meth:`apply`
+    of a later tick hands their mean over the tick to it. Under ``torch.distributed``
+    both are collectives: every rank's value is gathered and averaged, so every rank
+    observes the same value and takes the same decision. :meth:`apply` decides each
+    tick for good (:func:`~freezesched.schedules.commit`).
+
+    Resuming: :meth:`state_dict` / :meth:`load_state_dict` (the last tick, the adaptive
+    schedules' records and the gradient norms recorded in the current tick) re-enter
+    the freeze state of the saved tick without touching any optimizer; restore the
+    optimizer from its own checkpoint, in either order (``torch.distributed.checkpoint``'s
+    ``set_state_dict`` skips the optimizer state of frozen parameters: restore through
+    ``freezesched.distributed.load``, or the optimizer first; the first :meth:`apply`
+    after a resume refuses the other order when the lost state would matter). A resumed
+    run then makes the same decisions as an uninterrupted one.
 
     Args:
         model: The model holding the submodules; names are looked up inside a
@@ -152,8 +171,8 @@ class FreezeController:
         >>> ctrl.release()
     """
 
-    #: Version of the :meth:`state_dict` layout.
-    STATE_VERSION = 1
+    #: Version of the :meth:`state_dict` layout (version 1, without adaptive state, loads).
+    STATE_VERSION = 2
 
     def __init__(
         self,
@@ -200,6 +219,12 @@ class FreezeController:
                 )
             self._targets.append(_Target(key, stages, schedule))
         modules = self._resolve()  # unknown names and modules scheduled twice fail here
+        self._check_adaptive()
+        self._signals: dict[int, GradientSignal] = {
+            i: GradientSignal(self._stage_modules(target, modules), every=target.schedule.every)
+            for i, target in enumerate(self._targets)
+            if isinstance(target.schedule, GradientFreeze)
+        }
         plans = [plan_freeze(m, self.policy) for m in modules.values()]
         if self.policy.trainable:
             check_patterns_matched(self.policy, plans, "the scheduled modules")
@@ -219,6 +244,150 @@ class FreezeController:
         #: (optimizer index, parameter name) that had optimizer state in the loaded state,
         #: checked at the first apply() after load_state_dict().
         self._expected_state: list[tuple[int, str]] = []
+        self._observed: int | None = None
+
+    def _check_adaptive(self) -> None:
+        seen: dict[int, TargetKey] = {}
+        for target in self._targets:
+            schedule = target.schedule
+            if not isinstance(schedule, Schedule):
+                continue
+            for part in schedule.adaptive_parts:
+                if id(part) in seen:
+                    raise ValueError(
+                        f"schedules must not share an adaptive schedule object: {part!r} is in "
+                        f"the schedules of {seen[id(part)]!r} and {target.key!r}; it keeps one "
+                        "record of decisions, so give each its own"
+                    )
+                seen[id(part)] = target.key
+            if "gradient_norm" in schedule.signals and not isinstance(schedule, GradientFreeze):
+                raise ValueError(
+                    f"schedules[{target.key!r}] holds a gradient-driven part inside "
+                    f"{schedule.summary()}; the controller measures gradient norms only for a "
+                    "GradientFreeze that is the whole schedule of its modules (stage i of it "
+                    "is the i-th module or group of the key)"
+                )
+
+    @staticmethod
+    def _stage_modules(
+        target: _Target, modules: Mapping[str, nn.Module]
+    ) -> list[tuple[nn.Module, ...]]:
+        return [tuple(modules[name] for name in stage) for stage in target.stages]
+
+    @property
+    def signals(self) -> frozenset[str]:
+        """What the adaptive schedules observe: ``"metric"``, ``"gradient_norm"``; empty if none.
+
+        Examples:
+            >>> from torch import nn
+            >>> from freezesched import FreezeController, WarmupThenFreeze
+            >>> from freezesched.schedules import Plateau
+            >>> model = nn.Sequential(nn.Linear(2, 2))
+            >>> sorted(FreezeController(model, {"0": WarmupThenFreeze(2, then=Plateau())}).signals)
+            ['metric']
+        """
+        out: set[str] = set()
+        for target in self._targets:
+            if isinstance(target.schedule, Schedule):
+                out |= target.schedule.signals
+        return frozenset(out)
+
+    def observe(self, tick: int, value: Any) -> None:
+        """Give the value measured after training tick ``tick`` to the metric-driven schedules.
+
+        Every schedule with a metric-driven part (:class:`~freezesched.schedules.Plateau`)
+        receives it on its own relative ticks; it can change decisions from tick ``tick +
+        1`` on. Observe after applying ``tick`` and before applying a later one, once per
+        tick. Under ``torch.distributed`` this is a collective: call it on every rank; the
+        ranks' values are averaged (identical values stay exact), so all decide alike.
+
+        Args:
+            tick: The tick the value was measured after; not before the last applied one.
+            value: A real number or a one-element tensor (a loss, an accuracy).
+
+        Raises:
+            TypeError: ``tick`` is not an int, or ``value`` is not a number.
+            ValueError: no schedule is metric-driven; the tick is before the last applied
+                one, already observed, or the ranks observed different ticks; the value is
+                not finite.
+
+        Examples:
+            >>> from torch import nn
+            >>> from freezesched import FreezeController
+            >>> from freezesched.schedules import Plateau
+            >>> model = nn.Sequential(nn.Linear(2, 2))
+            >>> ctrl = FreezeController(model, {"0": Plateau(patience=0)})
+            >>> for epoch, val_loss in enumerate([1.0, 0.5, 0.6, 0.4]):
+            ...     frozen = ctrl.apply(epoch)["0"]
+            ...     ctrl.observe(epoch, val_loss)
+            >>> frozen, ctrl.apply(4)["0"]
+            (True, True)
+            >>> ctrl.release()
+        """
+        tick = check_tick(tick, "tick")
+        metric = [
+            t.schedule
+            for t in self._targets
+            if isinstance(t.schedule, Schedule) and "metric" in t.schedule.signals
+        ]
+        if not metric:
+            raise ValueError(
+                "observe() feeds metric-driven schedules (such as Plateau), but none of this "
+                f"controller's schedules is one: {[t.key for t in self._targets]}"
+            )
+        if self._tick is not None and tick < self._tick:
+            raise ValueError(
+                f"tick must not be before the last applied tick ({self._tick}): a value "
+                f"measured after tick {tick} comes too late for ticks already applied; got {tick}"
+            )
+        agreed = agree_across_ranks(tick, as_observation(value), what="the monitored value")
+        snapshots = [schedule.state_dict() for schedule in metric]
+        try:  # all schedules observe it, or none
+            for schedule in metric:
+                schedule.observe(tick, agreed)
+        except BaseException:
+            for schedule, snapshot in zip(metric, snapshots, strict=True):
+                schedule.load_state_dict(snapshot)
+            raise
+        self._observed = tick
+
+    @property
+    def last_observed(self) -> int | None:
+        """The tick of the last :meth:`observe` (``None`` before the first)."""
+        return self._observed
+
+    def record_gradients(self) -> None:
+        """Measure each GradientFreeze stage's gradient norm for this step.
+
+        Call it after ``backward()`` (after ``scaler.unscale_(optimizer)`` with AMP) and
+        before ``zero_grad()``, once per optimizer step, on every rank. One call in the
+        schedule's ``every`` measures (one fused norm per stage, no synchronization; the
+        others return at once: ``benchmarks/gradient_signal_overhead.py``). The mean over
+        the steps measured in a tick is observed, as that tick's value, by the next
+        :meth:`apply` of a later tick; a tick without a measured step is not observed.
+
+        Raises:
+            ValueError: no schedule is a :class:`~freezesched.schedules.GradientFreeze`.
+        """
+        if not self._signals:
+            raise ValueError(
+                "record_gradients() feeds GradientFreeze schedules, but none of this "
+                f"controller's schedules is one: {[t.key for t in self._targets]}"
+            )
+        for signal in self._signals.values():
+            signal.record()
+
+    def _observe_gradients(self, tick: int) -> None:
+        """Hand the gradient norms recorded during the last applied tick to their schedules."""
+        if not self._signals or self._tick is None or tick <= self._tick:
+            return
+        last = self._tick
+        for i, signal in self._signals.items():
+            norms = agree_across_ranks(last, signal.take(), what="gradient norms")
+            if norms is not None:
+                schedule = self._targets[i].schedule
+                assert isinstance(schedule, GradientFreeze)
+                schedule.observe(last, norms)
 
     @property
     def on_unfreeze(self) -> OptimizerPolicy:
@@ -311,17 +480,21 @@ class FreezeController:
 
     def _apply(self, tick: int, *, resume: bool) -> dict[str, bool]:
         tick = check_tick(tick, "tick")
-        if not resume and self._expected_state:
-            self._check_restored_optimizer_state()
+        if not resume:
+            if self._expected_state:
+                self._check_restored_optimizer_state()
+            self._observe_gradients(tick)
         # Decide, resolve and plan everything before changing anything.
         wanted: dict[str, bool] = {}
         for target in self._targets:
-            decisions = evaluate(target.schedule, tick, len(target.stages))
+            decisions = commit(target.schedule, tick, len(target.stages))
             for stage, frozen in zip(target.stages, decisions, strict=True):
                 for name in stage:
                     wanted[name] = frozen
         modules = self._resolve()
         self._check_trainable(tick, wanted, modules)
+        for i, signal in self._signals.items():
+            signal.stages = tuple(self._stage_modules(self._targets[i], modules))
         plans = {
             name: plan_freeze(modules[name], self.policy)
             for name, frozen in wanted.items()
@@ -523,21 +696,34 @@ class FreezeController:
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """A versioned, plain-data snapshot: the last tick and what was scheduled.
+        """A versioned, plain-data (JSON-compatible) snapshot of what decides from now on.
 
-        Schedules are pure, so the tick is the whole state; the schedule configs are
-        stored to catch resuming with different schedules. ``tick`` is ``None`` before
-        the first :meth:`apply`. With optimizers, ``optimizer_state`` lists, per
-        optimizer, the scheduled parameters that have optimizer state: the first
-        :meth:`apply` after :meth:`load_state_dict` checks that the restored optimizers
-        still have it (``torch.distributed.checkpoint`` drops the state of parameters
-        frozen when it loads), so a lost Adam moment is an error, not a divergence.
+        Keys: ``tick`` (the last applied tick, ``None`` before the first :meth:`apply`),
+        ``targets`` (each key's modules and schedule config, to catch resuming with
+        different schedules), ``adaptive`` (per target, its schedule's
+        :meth:`~freezesched.schedules.Schedule.state_dict`: the adaptive parts' records;
+        ``None`` for a schedule without them), ``gradient_signals`` (per target index, the
+        gradient norms recorded in the current tick) and ``last_observed`` (the tick of the
+        last :meth:`observe`). Pure schedules need nothing but the tick. With optimizers,
+        ``optimizer_state`` lists, per optimizer, the scheduled parameters that have
+        optimizer state: the first :meth:`apply` after :meth:`load_state_dict` checks that
+        the restored optimizers still have it (``torch.distributed.checkpoint`` drops the
+        state of parameters frozen when it loads), so a lost Adam moment is an error, not
+        a divergence.
         """
         state: dict[str, Any] = {
             "version": self.STATE_VERSION,
             "tick": self._tick,
             "on_unfreeze": self.on_unfreeze,
             "targets": self._schedule_configs(),
+            "adaptive": [
+                t.schedule.state_dict()
+                if isinstance(t.schedule, Schedule) and t.schedule.adaptive_parts
+                else None
+                for t in self._targets
+            ],
+            "gradient_signals": {str(i): sig.state_dict() for i, sig in self._signals.items()},
+            "last_observed": self._observed,
         }
         if self.optimizers:
             state["optimizer_state"] = self._optimizer_state_names()
@@ -552,20 +738,27 @@ class FreezeController:
         transitions, resets and learning-rate ramp as the uninterrupted run. A state saved
         before the first :meth:`apply` (``tick`` ``None``) releases everything.
 
+        Adaptive schedules get their saved records back, so the resumed run makes the
+        same decisions as the uninterrupted one; with ``strict=False``, a target whose
+        modules or schedule config differ from the saved ones keeps its fresh state (its
+        decisions up to the saved tick are then those of no observations). A state of
+        version 1 (saved before adaptive schedules existed) has no such records.
+
         Args:
-            state: What :meth:`state_dict` returned.
+            state: What :meth:`state_dict` returned (also after a JSON round trip).
             strict: If true, the stored schedules must equal this controller's (pass
                 ``False`` to continue a run under new schedules, e.g. a finished
                 full-training run continued into a DBF phase).
 
         Raises:
-            ValueError: not a state of this version, no ``tick`` key, a bad tick, or
-                (``strict``) different modules or schedules. Nothing is changed then.
+            ValueError: not a state of a known version, no ``tick`` key, a bad tick,
+                (``strict``) different modules or schedules, or an adaptive record that
+                does not fit. Nothing is changed then.
         """
-        if not isinstance(state, Mapping) or state.get("version") != self.STATE_VERSION:
+        if not isinstance(state, Mapping) or state.get("version") not in (1, self.STATE_VERSION):
             found = state.get("version") if isinstance(state, Mapping) else state
             raise ValueError(
-                f"state['version'] must be {self.STATE_VERSION}, got {found!r}; was this "
+                f"state['version'] must be 1 or {self.STATE_VERSION}, got {found!r}; was this "
                 "saved by FreezeController.state_dict()?"
             )
         if "tick" not in state:
@@ -582,6 +775,7 @@ class FreezeController:
                 f"(pass strict=False to resume with new ones); saved {state.get('targets')!r}, "
                 f"now {self._schedule_configs()!r}"
             )
+        self._load_adaptive(state, strict=strict)
         if tick is None:
             self.release()
         else:
@@ -592,3 +786,54 @@ class FreezeController:
             if isinstance(saved, list | tuple)
             else []
         )
+
+    def _load_adaptive(self, state: Mapping[str, Any], *, strict: bool) -> None:
+        """Restore the adaptive records and recorded gradient norms (all or nothing)."""
+        saved_targets = state.get("targets")
+        saved = state.get("adaptive") if state.get("version") == self.STATE_VERSION else None
+        saved_signals = state.get("gradient_signals") or {}
+        configs = self._schedule_configs()
+        observed = state.get("last_observed") if saved is not None else None
+        if observed is not None:
+            observed = check_tick(observed, "state['last_observed']")
+        loads: list[tuple[Schedule, Mapping[str, Any]]] = []
+        signal_loads: list[tuple[GradientSignal, Mapping[str, Any]]] = []
+        for i, target in enumerate(self._targets):
+            schedule = target.schedule
+            if not isinstance(schedule, Schedule) or not schedule.adaptive_parts:
+                continue
+            same = (
+                isinstance(saved_targets, list | tuple)
+                and i < len(saved_targets)
+                and saved_targets[i] == configs[i]
+            )
+            if not same or not isinstance(saved, list | tuple) or i >= len(saved):
+                if strict:  # the saved schedules equal these, so the record must be there
+                    raise ValueError(
+                        f"state['adaptive'] must hold the record of schedules[{target.key!r}] "
+                        f"({schedule.summary()}), got {saved!r}"
+                    )
+                continue
+            if not isinstance(saved[i], Mapping):
+                raise ValueError(
+                    f"state['adaptive'][{i}] must be the state of {schedule.summary()}, "
+                    f"got {saved[i]!r}"
+                )
+            loads.append((schedule, saved[i]))
+            signal = self._signals.get(i)
+            if isinstance(saved_signals, Mapping) and str(i) in saved_signals and signal:
+                signal_loads.append((signal, saved_signals[str(i)]))
+        before = [(s, s.state_dict()) for s, _ in loads]
+        signals_before = [(g, g.state_dict()) for g, _ in signal_loads]
+        try:
+            for schedule, part in loads:
+                schedule.load_state_dict(part)
+            for signal, part in signal_loads:
+                signal.load_state_dict(part)
+        except BaseException:
+            for schedule, old in before:
+                schedule.load_state_dict(old)
+            for signal, old_signal in signals_before:
+                signal.load_state_dict(old_signal)
+            raise
+        self._observed = observed

@@ -22,7 +22,7 @@ from freezesched.freezing._mechanism import (
 )
 from freezesched.freezing._policy import FreezePolicy, ModePolicy, TrainableSpec, resolve_policy
 from freezesched.freezing._targets import TargetSpec, parse_stages, resolve_stages
-from freezesched.schedules import ScheduleLike, check_schedule, evaluate, num_stages
+from freezesched.schedules import ScheduleLike, check_schedule, commit, evaluate, num_stages
 
 __all__ = ["FrozenRegion", "FrozenStageGuard", "freeze"]
 
@@ -282,6 +282,10 @@ class FrozenStageGuard:
     def decide(self, tick: int, stages: int = 1) -> tuple[bool, ...]:
         """The decision per stage at ``tick`` (``True`` = frozen), touching nothing.
 
+        It only reads: for an adaptive schedule, ``tick`` must be decided already
+        (:class:`~freezesched.schedules.UndecidedTickError` otherwise); calling the guard
+        decides it.
+
         Examples:
             >>> from freezesched import Layerwise
             >>> FrozenStageGuard(Layerwise.gradual_unfreeze(3)).decide(1, stages=3)
@@ -291,6 +295,10 @@ class FrozenStageGuard:
 
     def __call__(self, target: TargetSpec, tick: int) -> FrozenRegion:
         """A region freezing ``target`` as the schedule decides at ``tick``.
+
+        For an adaptive schedule this decides ``tick`` for good
+        (:func:`~freezesched.schedules.commit`): give it the observations of earlier ticks
+        first (``schedule.observe(t, value)``).
 
         Args:
             target: The model the guard's ``modules`` names are looked up in; or, for a
@@ -313,7 +321,7 @@ class FrozenStageGuard:
         else:
             stages = resolve_stages(parse_stages(target, "target"), None, "target")
         return FrozenRegion(
-            stages, evaluate(self.schedule, tick, len(stages)), self.policy, self._plans
+            stages, commit(self.schedule, tick, len(stages)), self.policy, self._plans
         )
 
 

@@ -11,6 +11,12 @@ Example::
 
 The optimizer keeps every parameter; a frozen one gets no gradient, so the optimizer
 (weight decay included) leaves it alone.
+
+Adaptive schedules: with ``monitor="eval_loss"``, a
+:class:`~freezesched.schedules.Plateau` observes that evaluation metric after each
+evaluation; a :class:`~freezesched.schedules.GradientFreeze` gets the per-stage gradient
+norms before each optimizer step. Their records travel in the checkpoint's
+``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
-from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name
+from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name, metric_value
 
 __all__ = ["FreezeScheduleCallback"]
+
+#: Where the callback keeps adaptive schedules' records in ``TrainerState``: under
+#: ``state.stateful_callbacks[STATE_KEY + module names]``, so ``trainer_state.json`` in
+#: every checkpoint holds them.
+STATE_KEY = "freezesched:"
 
 
 class FreezeScheduleCallback(TrainerCallback):
@@ -40,6 +51,18 @@ class FreezeScheduleCallback(TrainerCallback):
     with the same decisions and ``on_unfreeze`` resets as an uninterrupted one.
     Each entry the Trainer logs gains ``frozen/<module>`` (1.0 = frozen), in
     ``state.log_history`` and in the ``logs`` later callbacks receive.
+
+    A metric-driven schedule observes ``metrics[monitor]`` in each ``on_evaluate`` during
+    training, as the value of the tick just trained (HF gathers evaluation results from
+    every rank; the ranks' values are averaged anyway, so every rank decides alike). As
+    for ``metric_for_best_model``, a name without the ``eval_`` prefix gets it. With epoch
+    ticks, evaluate once per epoch (``eval_strategy="epoch"``). A
+    :class:`~freezesched.schedules.GradientFreeze` gets the gradient norms in
+    ``on_pre_optimizer_step``. Adaptive records are kept in
+    ``state.stateful_callbacks["freezesched:<modules>"]``, so every checkpoint's
+    ``trainer_state.json`` holds them and a resumed run decides exactly as an
+    uninterrupted one; resuming an adaptive schedule from a checkpoint without them is
+    refused.
 
     Args:
         module: Dotted name of the submodule of the model (``""`` for all of it), or a
@@ -57,11 +80,17 @@ class FreezeScheduleCallback(TrainerCallback):
             modules.
         unfreeze_lr: Shortcut: a learning-rate ramp after an unfreeze.
         log: Add ``frozen/<module>`` to the Trainer's logs.
+        monitor: The evaluation metric a metric-driven schedule observes
+            (``"eval_loss"``; ``"loss"`` means the same); required with one, refused
+            without.
 
     Raises:
         TypeError, ValueError: a bad argument (at construction); a module name the model
-            lacks, or distributed training with ``ddp_find_unused_parameters=False`` or
-            ``ddp_static_graph=True`` (when training starts).
+            lacks, distributed training with ``ddp_find_unused_parameters=False`` or
+            ``ddp_static_graph=True``, ``monitor`` without evaluation or with several
+            evaluations per epoch tick, or resuming an adaptive schedule from a checkpoint
+            without its record (when training starts); a ``monitor`` missing from the
+            evaluation metrics.
     """
 
     def __init__(
@@ -78,7 +107,10 @@ class FreezeScheduleCallback(TrainerCallback):
         trainable: Sequence[Any] | None = None,
         unfreeze_lr: Any = None,
         log: bool = True,
+        monitor: str | None = None,
     ) -> None:
+        if isinstance(monitor, str) and monitor and not monitor.startswith("eval_"):
+            monitor = f"eval_{monitor}"
         self.spec = FreezeSpec(
             module=module,
             schedule=schedule,
@@ -90,9 +122,15 @@ class FreezeScheduleCallback(TrainerCallback):
             dropout=dropout,
             trainable=trainable,
             unfreeze_lr=unfreeze_lr,
+            monitor=monitor,
         )
         self.log = log
         self.controller: FreezeController | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's adaptive records in ``state.stateful_callbacks``."""
+        return STATE_KEY + "+".join(self.spec.names)
 
     def _tick(self, state: TrainerState) -> int:
         return math.floor(state.epoch or 0.0) if self.spec.by_epoch else state.global_step
@@ -117,19 +155,64 @@ class FreezeScheduleCallback(TrainerCallback):
                 fix="Set TrainingArguments(ddp_find_unused_parameters=True, "
                 "ddp_static_graph=False)",
             )
+        if self.spec.monitor is not None:
+            self._check_evaluation(args)
         # Accelerate wraps the optimizer; its state lives in the wrapped one.
         inner = getattr(optimizer, "optimizer", optimizer)
         optimizers = [inner] if isinstance(inner, torch.optim.Optimizer) else []
-        self.controller = self.spec.controller(model, optimizers)
+        self.controller = self.spec.controller(model, optimizers, resuming=state.global_step > 0)
         if state.global_step > 0:
             # Resuming: re-enter the freeze state of the last step before the checkpoint
             # (optimizer state untouched: the Trainer restored it from the checkpoint).
-            last = (
-                math.ceil(state.epoch or 0.0) - 1 if self.spec.by_epoch else state.global_step - 1
+            last = max(
+                math.ceil(state.epoch or 0.0) - 1 if self.spec.by_epoch else state.global_step - 1,
+                0,
             )
             saved = self.controller.state_dict()
-            saved["tick"] = max(last, 0)
+            if self.spec.signals:
+                saved = self._saved_record(state, last)
+            saved["tick"] = last
             self.controller.load_state_dict(saved)
+
+    def _check_evaluation(self, args: TrainingArguments) -> None:
+        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+        if strategy == "no":
+            raise ValueError(
+                f"monitor={self.spec.monitor!r} is read after each evaluation, but "
+                "TrainingArguments(eval_strategy='no') never evaluates; set eval_strategy"
+            )
+        if self.spec.by_epoch and strategy != "epoch":
+            raise ValueError(
+                "with epoch ticks a metric-driven schedule observes one value per epoch, so "
+                f"TrainingArguments(eval_strategy=...) must be 'epoch', got {strategy!r} (or "
+                "use by_epoch=False for step ticks)"
+            )
+
+    def _saved_record(self, state: TrainerState, tick: int) -> dict[str, Any]:
+        records: Any = state.stateful_callbacks  # a dict once TrainerState is built
+        saved = records.get(self.state_key) if isinstance(records, dict) else None
+        if not isinstance(saved, Mapping):
+            raise ValueError(
+                f"resuming an adaptive schedule needs its record, but the checkpoint's "
+                f"trainer_state.json has no stateful_callbacks[{self.state_key!r}] (saved "
+                "without this callback, or by an older freezesched); start from the beginning "
+                "or with a pure schedule"
+            )
+        if saved.get("tick") != tick:
+            raise ValueError(
+                f"the checkpoint's freezesched record is at tick {saved.get('tick')!r}, but the "
+                f"Trainer resumes after tick {tick}; the record does not belong to it"
+            )
+        return dict(saved)
+
+    def _store(self, state: TrainerState) -> None:
+        """Keep the adaptive records where HF saves them with each checkpoint."""
+        if self.spec.signals and self.controller is not None and self.controller.tick is not None:
+            records: Any = state.stateful_callbacks  # a dict once TrainerState is built
+            if not isinstance(records, dict):
+                records = {}
+                setattr(state, "stateful_callbacks", records)  # noqa: B010 (typed as a list)
+            records[self.state_key] = self.controller.state_dict()
 
     def _apply(self, state: TrainerState) -> None:
         if self.controller is not None:
@@ -146,6 +229,35 @@ class FreezeScheduleCallback(TrainerCallback):
     ) -> None:
         """Apply the schedule before each optimizer step (idempotent within a tick)."""
         self._apply(state)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Record the gradient norms a GradientFreeze observes."""
+        if self.controller is not None and "gradient_norm" in self.spec.signals:
+            self.controller.record_gradients()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Keep the adaptive records up to date for a checkpoint saved after this step."""
+        self._store(state)
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Give ``metrics[monitor]`` to the metric-driven schedules (during training)."""
+        controller = self.controller
+        if self.spec.monitor is None or controller is None or controller.tick is None:
+            return
+        value = metric_value(metrics or {}, self.spec.monitor, "the evaluation metrics")
+        controller.observe(controller.tick, value)
+        self._store(state)
 
     def on_log(
         self,

@@ -16,6 +16,15 @@ no replay of past unfreezes. BatchNorm is pinned to eval mode while frozen inste
 having ``track_running_stats`` flipped (which makes BatchNorm normalise with batch
 statistics and changes the model's outputs), and the pin survives the ``model.train()``
 calls Lightning makes after each validation.
+
+Adaptive schedules: with ``monitor="val_loss"`` (as for ``EarlyStopping``), a
+:class:`~freezesched.schedules.Plateau` observes that logged metric after each
+validation; a :class:`~freezesched.schedules.GradientFreeze` gets the per-stage gradient
+norms before each optimizer step. Their records are saved in the checkpoint::
+
+    freeze = FreezeScheduleCallback(
+        "backbone", WarmupThenFreeze(2, then=Plateau(patience=2)), monitor="val_loss"
+    )
 """
 
 from __future__ import annotations
@@ -24,10 +33,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from freezesched.freezing import FreezeController, FreezePolicy, check_ddp_settings
-from freezesched.integrations._common import FreezeSpec, ScheduleSpec, log_name
+from freezesched.integrations._common import (
+    FreezeSpec,
+    ScheduleSpec,
+    log_name,
+    metric_value,
+    resume_state,
+)
 
 __all__ = ["FreezeScheduleCallback"]
 
@@ -38,9 +54,18 @@ class FreezeScheduleCallback(pl.Callback):
     The schedule is applied at ``trainer.current_epoch`` before each training epoch
     (``by_epoch=True``) or at ``trainer.global_step`` before each batch. The state of
     each module is logged as ``frozen/<module>`` (1.0 = frozen), the controller's state
-    is saved in Lightning checkpoints so that ``fit(ckpt_path=...)`` continues with the
-    same decisions (and the same ``on_unfreeze`` resets) as an uninterrupted run, and
-    everything is unfrozen when training ends.
+    (with adaptive schedules' records) is saved in Lightning checkpoints so that
+    ``fit(ckpt_path=...)`` continues with the same decisions (and the same
+    ``on_unfreeze`` resets) as an uninterrupted run, and everything is unfrozen when
+    training ends.
+
+    A metric-driven schedule observes ``trainer.callback_metrics[monitor]`` at the end
+    of each validation run during fitting (not the sanity check), as the value of the
+    tick just trained; under DDP the ranks' values are averaged, so every rank decides
+    alike. With epoch ticks, validation must run at most once per epoch
+    (``val_check_interval=1.0``); ``check_val_every_n_epoch`` may skip epochs. A
+    :class:`~freezesched.schedules.GradientFreeze` gets the gradient norms in
+    ``on_before_optimizer_step`` (after AMP unscaling).
 
     Args:
         module: Dotted name of the submodule of the ``LightningModule`` (``""`` for all
@@ -58,10 +83,16 @@ class FreezeScheduleCallback(pl.Callback):
             modules.
         unfreeze_lr: Shortcut: a learning-rate ramp after an unfreeze.
         log: Log ``frozen/<module>`` through ``LightningModule.log``.
+        monitor: The logged metric a metric-driven schedule observes (``"val_loss"``);
+            required with one, refused without.
 
     Raises:
         TypeError, ValueError: a bad argument (at construction); a module name the model
-            lacks, or DDP without ``find_unused_parameters=True`` (when training starts).
+            lacks, DDP without ``find_unused_parameters=True``, ``monitor`` with no
+            validation to read it from or several validations per epoch tick, resuming
+            an adaptive schedule from a checkpoint without its record, or an adaptive
+            schedule object that already ran (when training starts); a ``monitor`` that
+            was not logged (after validation).
 
     Examples:
         >>> from freezesched import Step
@@ -83,6 +114,7 @@ class FreezeScheduleCallback(pl.Callback):
         trainable: Sequence[Any] | None = None,
         unfreeze_lr: Any = None,
         log: bool = True,
+        monitor: str | None = None,
     ) -> None:
         self.spec = FreezeSpec(
             module=module,
@@ -95,6 +127,7 @@ class FreezeScheduleCallback(pl.Callback):
             dropout=dropout,
             trainable=trainable,
             unfreeze_lr=unfreeze_lr,
+            monitor=monitor,
         )
         self.log = log
         self.controller: FreezeController | None = None
@@ -116,10 +149,56 @@ class FreezeScheduleCallback(pl.Callback):
                 fix="Use Trainer(strategy='ddp_find_unused_parameters_true') or "
                 "DDPStrategy(find_unused_parameters=True)",
             )
-        self.controller = self.spec.controller(pl_module, list(trainer.optimizers))
-        if self._resumed:
-            self.controller.load_state_dict(self._resumed, strict=False)
-            self._resumed = None
+        if self.spec.monitor is not None:
+            self._check_validation(trainer)
+        resuming = trainer.global_step > 0
+        saved, strict = resume_state(
+            self.spec, self._resumed, resuming=resuming, where="the checkpoint"
+        )
+        self._resumed = None
+        self.controller = self.spec.controller(
+            pl_module, list(trainer.optimizers), resuming=saved is not None
+        )
+        if saved is not None:
+            self.controller.load_state_dict(saved, strict=strict)
+
+    def _check_validation(self, trainer: pl.Trainer) -> None:
+        if not trainer.enable_validation:
+            raise ValueError(
+                f"monitor={self.spec.monitor!r} is read after each validation run, but this "
+                "Trainer runs none (no val_dataloader, no validation_step, or "
+                "limit_val_batches=0); log the metric in validation_step"
+            )
+        interval = trainer.val_check_interval
+        if self.spec.by_epoch and not (isinstance(interval, float) and interval == 1.0):
+            raise ValueError(
+                "with epoch ticks a metric-driven schedule observes one value per epoch, so "
+                f"validation must run once per epoch: val_check_interval must be 1.0, got "
+                f"{interval!r} (or use by_epoch=False for step ticks)"
+            )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give ``callback_metrics[monitor]`` to the metric-driven schedules (fitting only)."""
+        controller = self.controller
+        if (
+            self.spec.monitor is None
+            or controller is None
+            or controller.tick is None
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+        ):
+            return
+        value = metric_value(
+            trainer.callback_metrics, self.spec.monitor, "trainer.callback_metrics"
+        )
+        controller.observe(controller.tick, value)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        """Record the gradient norms a GradientFreeze observes (grads are unscaled here)."""
+        if self.controller is not None and "gradient_norm" in self.spec.signals:
+            self.controller.record_gradients()
 
     def _apply(self, tick: int, pl_module: pl.LightningModule) -> None:
         if self.controller is None:
@@ -146,7 +225,7 @@ class FreezeScheduleCallback(pl.Callback):
             self.controller.release()
 
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state (its last tick), saved in Lightning checkpoints."""
+        """The controller's state (its last tick, adaptive records), saved in checkpoints."""
         if self.controller is None or self.controller.tick is None:
             return {}
         return self.controller.state_dict()

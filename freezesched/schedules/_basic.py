@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from freezesched._validation import MAX_TICK, check_int, describe
-from freezesched.schedules._base import BinarySchedule
+from freezesched.schedules._base import END, BinarySchedule, Schedule
 
 __all__ = ["Constant", "Cosine", "Step", "UnfreezeAt", "WarmupThenFreeze"]
 
@@ -129,6 +129,9 @@ class WarmupThenFreeze(BinarySchedule):
         object.__setattr__(self, "warmup", check_int(self.warmup, "warmup"))
         if not isinstance(self.then, BinarySchedule):
             raise TypeError(f"then must be a BinarySchedule, got {describe(self.then)}")
+
+    def _parts(self) -> tuple[tuple[Schedule, int, int], ...]:
+        return ((self.then, self.warmup, END),)
 
     def _summary(self) -> str:
         if self.then == Constant(True):

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from freezesched._validation import check_int, describe
-from freezesched.schedules._base import BinarySchedule, binary_tuple
+from freezesched.schedules._base import END, BinarySchedule, Schedule, binary_tuple, check_unshared
 
 __all__ = ["Sequential"]
 
@@ -54,8 +54,14 @@ class Sequential(BinarySchedule):
         for i in range(1, len(boundaries)):
             if boundaries[i] <= boundaries[i - 1]:
                 raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)}")
+        check_unshared(schedules, "schedules")
         object.__setattr__(self, "schedules", schedules)
         object.__setattr__(self, "boundaries", boundaries)
+
+    def _parts(self) -> tuple[tuple[Schedule, int, int], ...]:
+        starts = (0, *self.boundaries)
+        ends = (*self.boundaries, END)
+        return tuple(zip(self.schedules, starts, ends, strict=True))
 
     def _summary(self) -> str:
         parts = [s._summary() for s in self.schedules]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from freezesched._validation import describe
+from freezesched.schedules._adaptive import GradientFreeze, Plateau
 from freezesched.schedules._base import And, Not, Or, Schedule, init_fields
 from freezesched.schedules._basic import Constant, Cosine, Step, UnfreezeAt, WarmupThenFreeze
 from freezesched.schedules._combinators import Sequential
@@ -46,6 +47,8 @@ _BUILTIN: dict[str, _Builder] = {
         Or,
         Not,
         Layerwise,
+        Plateau,
+        GradientFreeze,
     )
 }
 _BUILTIN["And"] = (_BUILTIN["And"][0], ("schedules",))

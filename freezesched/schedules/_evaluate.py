@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from freezesched._validation import MAX_TICK, check_int, check_tick, describe
 from freezesched.schedules._base import BinarySchedule, Schedule
 
-__all__ = ["ScheduleLike", "check_schedule", "evaluate", "num_stages", "timeline"]
+__all__ = ["ScheduleLike", "check_schedule", "commit", "evaluate", "num_stages", "timeline"]
 
 #: A schedule object, or any pure function of the tick returning ``bool`` (frozen) or a
 #: tuple of ``bool`` (one per stage), e.g. the DBF paper's ``freezing_scheduler(epoch)``.
@@ -72,7 +72,10 @@ def _fit(
 
 
 def evaluate(schedule: ScheduleLike, tick: int, stages: int | None = None) -> tuple[bool, ...]:
-    """The decision at ``tick``, one bool per stage (``True`` = frozen).
+    """The decision at ``tick``, one bool per stage (``True`` = frozen); reads only.
+
+    For an adaptive schedule, ``tick`` must be decided already (see :func:`commit`);
+    otherwise :class:`~freezesched.schedules.UndecidedTickError` is raised.
 
     Args:
         schedule: A schedule or a function of the tick returning a bool or a tuple of bools.
@@ -106,6 +109,40 @@ def evaluate(schedule: ScheduleLike, tick: int, stages: int | None = None) -> tu
             f"got {describe(result)} at tick {tick}"
         )
     return _fit(decisions, stages, f"at tick {tick}", binary=binary)
+
+
+def commit(schedule: ScheduleLike, tick: int, stages: int | None = None) -> tuple[bool, ...]:
+    """Decide ``tick`` for good and return the decision: what applying a tick does.
+
+    For an adaptive schedule, every tick up to ``tick`` is decided from the observations
+    given so far and recorded (:meth:`Schedule.commit`), so later questions about them get
+    the same answer and late observations of earlier ticks are refused. For any other
+    schedule or function this is :func:`evaluate`. The controller and the guard call it
+    for each tick they apply; :func:`evaluate` and :func:`timeline` only read.
+
+    Args:
+        schedule: A schedule or a function of the tick.
+        tick: An int in ``[0, 2**53 - 1]``.
+        stages: As in :func:`evaluate`.
+
+    Raises:
+        TypeError, ValueError: as :func:`evaluate`.
+
+    Examples:
+        >>> from freezesched.schedules import Plateau
+        >>> s = Plateau(patience=0)
+        >>> s.observe(0, 1.0)
+        >>> commit(s, 3)
+        (False,)
+        >>> s.observe(1, 2.0)  # tick 2 was decided without it
+        Traceback (most recent call last):
+        ...
+        ValueError: tick 1 (its own tick) of Plateau(min, patience 0) is observed too late:
+        tick 3 was already decided without it...
+    """
+    if isinstance(schedule, Schedule):
+        schedule.commit(tick)
+    return evaluate(schedule, tick, stages)
 
 
 def timeline(

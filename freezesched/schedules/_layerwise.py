@@ -9,7 +9,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from freezesched._validation import check_int, check_tick, describe
-from freezesched.schedules._base import BinarySchedule, Not, Schedule, binary_tuple
+from freezesched.schedules._base import (
+    END,
+    BinarySchedule,
+    Not,
+    Schedule,
+    binary_tuple,
+    check_unshared,
+)
 from freezesched.schedules._basic import Constant, WarmupThenFreeze
 
 __all__ = ["Layerwise", "Spacing"]
@@ -43,7 +50,12 @@ class Layerwise(Schedule):
     stages: tuple[BinarySchedule, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", binary_tuple(self.stages, "stages"))
+        stages = binary_tuple(self.stages, "stages")
+        check_unshared(stages, "stages")
+        object.__setattr__(self, "stages", stages)
+
+    def _parts(self) -> tuple[tuple[Schedule, int, int], ...]:
+        return tuple((stage, 0, END) for stage in self.stages)
 
     def _summary(self) -> str:
         freeze_at = [
@@ -74,7 +86,9 @@ class Layerwise(Schedule):
             TypeError: ``t`` is not an integer.
             ValueError: ``t`` is negative.
         """
-        row = self._frozen_at(np.array([check_tick(t)], dtype=np.int64))[0]
+        tick = check_tick(t)
+        self._check_decided(tick, tick + 1)
+        row = self._frozen_at(np.array([tick], dtype=np.int64))[0]
         return tuple(bool(x) for x in row)
 
     def _frozen_at(self, ticks: NDArray[np.int64]) -> NDArray[np.bool_]:
