@@ -9,6 +9,15 @@ all three are thin faces of :mod:`freezesched.freezing._mechanism`, configured b
 from freezesched.freezing._amp import FreezeAwareGradScaler, has_grads
 from freezesched.freezing._controller import FreezeController
 from freezesched.freezing._distributed import check_ddp_settings, unwrap
+from freezesched.freezing._fast import (
+    FastFrozen,
+    FastMismatchError,
+    FastModeWarning,
+    FastReport,
+    drop_fast,
+    fast_report,
+)
+from freezesched.freezing._features import FeatureCache, FeatureCacheMismatchError, sample_keys
 from freezesched.freezing._guard import FrozenRegion, FrozenStageGuard, freeze
 from freezesched.freezing._mechanism import is_frozen
 from freezesched.freezing._optim import LRRamp, check_optimizers, reset_optimizer_state
@@ -22,6 +31,12 @@ from freezesched.freezing._policy import (
 from freezesched.freezing._targets import TargetSpec
 
 __all__ = [
+    "FastFrozen",
+    "FastMismatchError",
+    "FastModeWarning",
+    "FastReport",
+    "FeatureCache",
+    "FeatureCacheMismatchError",
     "FreezeAwareGradScaler",
     "FreezeController",
     "FreezePolicy",
@@ -34,10 +49,13 @@ __all__ = [
     "TrainableSpec",
     "check_ddp_settings",
     "check_optimizers",
+    "drop_fast",
+    "fast_report",
     "freeze",
     "has_grads",
     "is_frozen",
     "reset_optimizer_state",
     "resolve_policy",
+    "sample_keys",
     "unwrap",
 ]

@@ -14,6 +14,7 @@ from typing_extensions import Self
 
 from freezesched._validation import check_tick, describe
 from freezesched.freezing._distributed import check_ddp_settings, managed_parameters, unwrap
+from freezesched.freezing._fast import drop_fast
 from freezesched.freezing._mechanism import Hold, Plan, check_patterns_matched, plan_freeze
 from freezesched.freezing._optim import (
     LRRamp,
@@ -308,9 +309,11 @@ class FreezeController:
             if module is not modules[name]:  # replaced by assignment: restore the old one
                 del self._holds[name]
                 hold.release()
+                self._drop_fast(module)
             elif not wanted[name]:
                 del self._holds[name]
                 freed += hold.release()
+                self._drop_fast(module)
         for name, plan in plans.items():
             hold = Hold(plan)
             hold.acquire()
@@ -320,6 +323,10 @@ class FreezeController:
         self._tick = tick
         self._update_ramp()
         return self.frozen
+
+    def _drop_fast(self, module: nn.Module) -> None:
+        if self.policy.fast is not None:  # issue 17: its frozen phase ended
+            drop_fast(module)
 
     def _update_ramp(self) -> None:
         ramp = self.policy.unfreeze_lr
@@ -344,9 +351,10 @@ class FreezeController:
         """Unfreeze everything this controller froze (optimizer state is left alone)."""
         holds, self._holds = self._holds, {}
         error: BaseException | None = None
-        for _, hold in reversed(list(holds.values())):
+        for module, hold in reversed(list(holds.values())):
             try:
                 hold.release()
+                self._drop_fast(module)
             except BaseException as caught:
                 error = error or caught
         if self._ramp is not None:

@@ -55,6 +55,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.parameter import is_lazy
 
 from freezesched._validation import describe
+from freezesched.freezing import _fast  # issue 17: fast frozen mode (attach/detach only)
 from freezesched.freezing._distributed import check_ddp_call
 from freezesched.freezing._policy import FreezePolicy
 
@@ -150,6 +151,7 @@ class Plan:
             so that one replaced inside the hold is restored too.
         matched: Indices of ``policy.trainable`` entries that matched something.
         names: Qualified name of every submodule (relative to ``module``), by identity.
+        fast: The policy's fast frozen mode (``None``: off).
     """
 
     module: nn.Module
@@ -159,6 +161,7 @@ class Plan:
     slots: list[tuple[nn.Module, str, nn.Parameter]]
     matched: set[int]
     names: dict[int, str] = field(repr=False)
+    fast: _fast.FastFrozen | None = None  # issue 17
 
 
 def _matches(name: str, module: nn.Module | None, specs: Sequence[Any]) -> set[int]:
@@ -286,6 +289,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
         slots=slots,
         matched=matched,
         names=names,
+        fast=policy.fast,  # issue 17
     )
 
 
@@ -801,6 +805,12 @@ class Hold:
         Call it inside a critical section (:func:`enter_critical`).
         """
         plan = self.plan
+        if plan.fast is not None:  # issue 17: refusals come before any change
+            _fast.check_fast(
+                plan.module,
+                scripted=bool(plan.scripted) or any(k & ENTRY for _, k, _ in plan.watch),
+                observers=any(k & (OBSERVER | RESTORE) for _, k, _ in plan.watch),
+            )
         _sync_interrupts(True)  # from here on a Ctrl-C waits until the model is consistent
         with _LOCK:
             try:
@@ -812,6 +822,9 @@ class Hold:
                 for module, _ in plan.scripted:
                     self._pin_static(module)
                 _sync_hooks()
+                if plan.fast is not None:  # issue 17
+                    evals = {id(m) for m, k, _ in plan.watch if k & EVAL}
+                    _fast.attach(plan.module, plan.fast, evals, self.key)
             except BaseException:
                 self.release()
                 raise
@@ -848,6 +861,8 @@ class Hold:
                     now.requires_grad = True
 
         steps: list[Callable[[], object]] = [params, slots]
+        if plan.fast is not None:  # issue 17
+            steps.insert(0, functools.partial(_fast.detach, plan.module, self.key))
         steps += [functools.partial(self._unwatch, m) for m, _, _ in plan.watch]
         steps += [functools.partial(self._unpin_static, m, problems) for m, _ in plan.scripted]
         steps.append(_sync_hooks)
