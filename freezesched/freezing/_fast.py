@@ -35,6 +35,7 @@ The guarantees (each tested, see ``docs/fast.md``):
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import warnings
 import weakref
@@ -288,6 +289,8 @@ _LOCK = threading.RLock()
 class _TwinSlot:
     twin: Twin
     variant: str
+    out_spec: pytree.TreeSpec
+    out_paths: list[str]
     out_dtypes: list[torch.dtype | None]
     out_contiguous: list[bool]
     calls: int = 0
@@ -369,6 +372,15 @@ class _FastForward:
             raise RuntimeError("the module of this fast forward was freed")
         if _tracing_or_compiling():
             return self._func(module, *args, **kwargs)
+        called = _called_module()
+        if called is not None and called is not module:
+            # A copy of the module's __dict__ (an nn.DataParallel replica) computes with
+            # its own tensors: run its plain forward.
+            return _plain(
+                self._entry,
+                "a DataParallel replica runs its own forward",
+                lambda: type(called).forward(called, *args, **kwargs),
+            )
         return _call(self._entry, module, self._func, args, kwargs)
 
     def __reduce__(self) -> Any:
@@ -405,6 +417,30 @@ def _fx_tracing() -> bool:
     if check is None:  # older torch
         check = torch.fx._symbolic_trace.is_fx_tracing
     return bool(check())
+
+
+_CALL_IMPL = ("_call_impl", "inner", "_slow_forward")
+
+
+def _called_module() -> nn.Module | None:
+    """The module torch's ``Module.__call__`` is calling now (our caller's ``self``).
+
+    ``None`` when the forward was called some other way (``module.forward(x)``).
+    """
+    frame = sys._getframe(2)
+    code = frame.f_code
+    if code.co_name not in _CALL_IMPL or not code.co_filename.endswith(_MODULE_FILE):
+        return None
+    called = frame.f_locals.get("self")
+    return called if isinstance(called, nn.Module) else None
+
+
+_MODULE_FILE = str(_torch_module.__file__)
+
+
+def is_ours(value: object) -> bool:
+    """Whether ``value`` is one of the instance attributes fast mode sets on a module."""
+    return isinstance(value, _FastForward | _GetState)
 
 
 def _tracing_or_compiling() -> bool:
@@ -756,9 +792,19 @@ def _inputs(
 
 
 def _restore(output: Any, slot: _TwinSlot) -> Any:
-    leaves, treespec = pytree.tree_flatten(output)
-    if len(leaves) != len(slot.out_dtypes):
-        return output
+    """The twin's output in the plain output's structure, dtypes and memory formats.
+
+    (A traced forward returns a ``dict`` where the module returns an ``OrderedDict``, say:
+    leaves are matched by their key path.)
+    """
+    found = pytree.tree_flatten_with_path(output)[0]
+    if [pytree.keystr(p) for p, _ in found] == slot.out_paths:
+        leaves = [leaf for _, leaf in found]
+    else:
+        by_path = {pytree.keystr(p): leaf for p, leaf in found}
+        if set(by_path) != set(slot.out_paths):
+            return output  # a different structure: the check reports it
+        leaves = [by_path[p] for p in slot.out_paths]
     fixed = []
     for leaf, dtype, contiguous in zip(leaves, slot.out_dtypes, slot.out_contiguous, strict=True):
         if isinstance(leaf, torch.Tensor):
@@ -767,7 +813,7 @@ def _restore(output: Any, slot: _TwinSlot) -> Any:
             if contiguous and not leaf.is_contiguous():
                 leaf = leaf.contiguous()
         fixed.append(leaf)
-    return pytree.tree_unflatten(fixed, treespec)
+    return pytree.tree_unflatten(fixed, slot.out_spec)
 
 
 def _run(slot: _TwinSlot, args: tuple[torch.Tensor, ...], spec: FastFrozen, grad: bool) -> Any:
@@ -855,8 +901,18 @@ def _build(
     spec = entry.spec
     variant = _variant(spec, grad_in)
     key = _key(entry, fp, args[0].device, variant)
-    reference = plain()  # the exact output, returned by this call
     name = type(module).__name__
+    training = [
+        type(m).__name__
+        for m in fp.modules
+        if m.training and id(m) not in entry.eval_ids and any(True for _ in m.buffers(False))
+    ]
+    if training:
+        # Not pinned by the freeze (added inside the region?): the plain forward may update
+        # its buffers, which a copy cannot do for it.
+        reason = f"a {training[0]} with buffers runs in training mode (added inside the region?)"
+        return _plain(entry, reason, plain)
+    reference = plain()  # the exact output, returned by this call
     strip = [
         v
         for m in module.modules()
@@ -881,13 +937,17 @@ def _build(
         entry.disabled = f"its fast twin could not be built ({type(error).__name__}: {error})"
         _warn(entry, entry.disabled, f"fast frozen mode runs {name} plainly: {entry.disabled}")
         return reference
-    leaves = pytree.tree_leaves(reference)
+    paths, out_spec = pytree.tree_flatten_with_path(reference)
+    leaves = [leaf for _, leaf in paths]
     slot = _TwinSlot(
         twin=twin,
         variant=variant,
+        out_spec=out_spec,
+        out_paths=[pytree.keystr(p) for p, _ in paths],
         out_dtypes=[t.dtype if isinstance(t, torch.Tensor) else None for t in leaves],
         out_contiguous=[isinstance(t, torch.Tensor) and t.is_contiguous() for t in leaves],
     )
+    buffers = [(b, b._version) for b in twin.module.buffers()]
     try:
         output = _run(slot, args, spec, False)
     except Exception as error:  # noqa: BLE001
@@ -906,6 +966,8 @@ def _build(
         output = _run(slot, args, spec, False)
     diff = _difference(output, reference, tolerance)
     entry.last, entry.tolerance = twin, tolerance
+    if any(b._version != v for b, v in buffers):
+        diff = "its forward changes buffers, so it is not a fixed function"
     if isinstance(diff, str) or not diff[2]:
         entry.disabled = (
             f"its fast twin does not match the plain forward ({_shown(diff, tolerance)})"

@@ -104,8 +104,10 @@ class _Tracer(fx.Tracer):
         self.failed: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.opaque or super().is_leaf_module(
-            m, module_qualified_name
+        return (
+            module_qualified_name in self.opaque
+            or _is_frozen_batch_norm(m)
+            or super().is_leaf_module(m, module_qualified_name)
         )
 
     def call_module(
@@ -169,7 +171,7 @@ def _fold_reason(
     kind = type(layer)
     if kind not in (*_CONV, *_CONV_T, nn.Linear):
         return f"its input comes from a {kind.__name__}, not a Conv/ConvTranspose/Linear", None
-    if len(source.users) > 1:
+    if _value_users(source) > 1:
         return f"the output of {source.target!r} is also used elsewhere", None
     if calls.get(str(source.target), 0) > 1:
         return f"{source.target!r} is called more than once", None
@@ -184,6 +186,24 @@ def _fold_reason(
     if isinstance(norm, _BatchNorm) and not isinstance(norm, _BATCH_NORM):
         return f"a {type(norm).__name__} is not folded", None
     return "", layer
+
+
+_METADATA_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
+_METADATA_METHODS = frozenset({"dim", "size", "ndimension"})
+
+
+def _value_users(node: fx.Node) -> int:
+    """Users of ``node`` that read its values (not only its shape, like an ``x.ndim`` check):
+    folding a norm after ``node`` changes its values, never its metadata."""
+    count = 0
+    for user in node.users:
+        if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+            if user.args[1] in _METADATA_ATTRS:
+                continue
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        count += 1
+    return count
 
 
 def _fused(layer: nn.Module, norm: nn.Module) -> nn.Module:
@@ -210,30 +230,39 @@ def _fused(layer: nn.Module, norm: nn.Module) -> nn.Module:
 def _fold(
     gm: fx.GraphModule, example: tuple[torch.Tensor, ...]
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Fold every foldable norm call of ``gm`` in place; ``(folded, not folded)``."""
+    """Fold every foldable norm of ``gm`` in place; ``(folded, not folded)``.
+
+    Norm modules called as modules, and ``F.batch_norm`` calls on constant statistics
+    (norm modules traced through, such as timm's ``BatchNormAct2d``), are folded into the
+    convolution or linear module whose output they normalise.
+    """
     modules = dict(gm.named_modules())
-    norm_nodes = [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_module" and _is_norm_layer(modules[str(n.target)])
-    ]
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    module_norms = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and _is_norm_layer(modules[str(n.target)])
+    ]
+    functional_norms = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is nn.functional.batch_norm
+    ]
     shapes: dict[fx.Node, torch.Size] = {}
-    needs_shapes = any(
-        isinstance(n.args[0], fx.Node)
-        and n.args[0].op == "call_module"
-        and isinstance(modules.get(str(n.args[0].target)), nn.Linear)
-        for n in norm_nodes
-        if n.args
-    )
-    if needs_shapes:
+    sources = [n.args[0] for n in (*module_norms, *functional_norms) if n.args]
+    if any(
+        isinstance(src, fx.Node)
+        and src.op == "call_module"
+        and isinstance(modules.get(str(src.target)), nn.Linear)
+        for src in sources
+    ):
         shapes = _shapes(gm, example)
     folded: list[str] = []
     not_folded: list[tuple[str, str]] = []
-    for i, node in enumerate(norm_nodes):
+    for i, node in enumerate(module_norms):
         reason, layer = _fold_reason(gm, node, modules, calls, shapes)
         if reason or layer is None:
             not_folded.append((str(node.target), reason))
@@ -246,10 +275,88 @@ def _fold(
         source.target = name
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
+    for i, node in enumerate(functional_norms):
+        label, reason, fused = _fold_functional(gm, node, modules, calls, shapes)
+        if fused is None:
+            if label:
+                not_folded.append((label, reason))
+            continue
+        source = node.args[0]
+        assert isinstance(source, fx.Node)
+        name = f"_fast_fused_f{i}"
+        gm.add_submodule(name, fused)
+        folded.append(f"{source.target} + {label}")
+        source.target = name
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     return folded, not_folded
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps")  # fmt: skip
+
+
+def _fold_functional(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    shapes: dict[fx.Node, torch.Size],
+) -> tuple[str, str, nn.Module | None]:
+    """``(norm name, why not, fused layer or None)`` for an ``F.batch_norm`` call."""
+    bound = dict(zip(_BATCH_NORM_ARGS, node.args, strict=False))
+    bound.update(node.kwargs)
+    stats = bound.get("running_mean")
+    label = ""
+    if isinstance(stats, fx.Node) and stats.op == "get_attr":
+        label = str(stats.target).rpartition(".")[0]
+    constants: dict[str, torch.Tensor | None] = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = bound.get(key)
+        if value is None and key in ("weight", "bias"):
+            constants[key] = None
+        elif isinstance(value, fx.Node) and value.op == "get_attr":
+            constants[key] = _attr(gm, str(value.target))
+        else:
+            return label, "its statistics are not fixed buffers (batch statistics?)", None
+    if bound.get("training", False) is not False:
+        return label, "it runs with batch statistics (training=True)", None
+    eps = bound.get("eps", 1e-5)
+    source = bound.get("input")
+    if not isinstance(eps, float) or not isinstance(source, fx.Node) or source.op != "call_module":
+        return label, "its input is not the output of a convolution or linear layer", None
+    layer = modules[str(source.target)]
+    if type(layer) not in (*_CONV, *_CONV_T):
+        return label, f"its input comes from a {type(layer).__name__}, not a Conv", None
+    if _value_users(source) > 1 or calls.get(str(source.target), 0) > 1:
+        return label, f"the output of {source.target!r} is also used elsewhere", None
+    mean, var = constants["running_mean"], constants["running_var"]
+    assert mean is not None and var is not None
+    if mean.numel() != layer.out_channels:
+        return label, f"{source.target!r} has {layer.out_channels} channels", None
+    fused = copy.deepcopy(layer)
+    fused.weight, fused.bias = fuse_conv_bn_weights(
+        fused.weight,
+        fused.bias,
+        mean,
+        var,
+        eps,
+        constants["weight"],
+        constants["bias"],
+        transpose=isinstance(layer, _CONV_T),
+    )
+    return label or str(node.name), "", fused
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    value = getattr(gm.get_submodule(owner) if owner else gm, name)
+    assert isinstance(value, torch.Tensor)
+    return value
 
 
 def _shapes(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[fx.Node, torch.Size]:
@@ -273,7 +380,7 @@ def _norms_outside_graph(
 ) -> list[tuple[str, str]]:
     out = []
     for name, sub in twin.named_modules():
-        if not name or name in seen or not _is_norm_layer(sub):
+        if name in seen or not _is_norm_layer(sub):
             continue
         inside = [o for o, _ in opaque if name.startswith(o + ".")]
         reason = (
@@ -326,8 +433,8 @@ def build_twin(
             untraced = [("", root_failure), *untraced]
             not_folded = _norms_outside_graph(twin, set(), [("", root_failure)])
         else:
-            seen = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
             folded, not_folded = _fold(gm, example)
+            seen = {n for n, _ in not_folded} | {f.rpartition(" + ")[2] for f in folded}
             not_folded += _norms_outside_graph(twin, seen, untraced)
             result = gm
     if channels_last:
