@@ -156,6 +156,27 @@ class ViTDetector(nn.Module):
             nn.Conv2d(256, classes + 5, 1),
         )  # fmt: skip
 
+
+class ResNet50Detector(nn.Module):
+    """ResNet-50 backbone (bottlenecks 3-4-6-3) + the same light detection-like head."""
+
+    def __init__(self, classes: int = 15) -> None:
+        super().__init__()
+        stages, cin = [], 64
+        for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+            layers = []
+            for i in range(blocks):
+                layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
+                cin = 4 * width
+            stages.append(nn.Sequential(*layers))
+        self.backbone = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.MaxPool2d(3, 2, 1)),
+            *stages,
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Conv2d(cin, 128, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(128, classes + 5, 1))  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
@@ -173,3 +194,23 @@ VIT_SIZES = {
 def vit_detector(size: str = "ViT-B", image: int = 1024) -> ViTDetector:
     dim, depth, heads = VIT_SIZES[size]
     return ViTDetector(image=image, dim=dim, depth=depth, heads=heads)
+
+
+def calibrate(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm the statistics of the activations it sees on ``x`` and random
+    affine parameters, as a trained model has (fresh BatchNorms are the identity in eval
+    mode, which would hide folding errors and let activations grow with depth)."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.uniform_(0.5, 1.5, generator=gen)
+            m.bias.uniform_(-0.2, 0.2, generator=gen)
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration batches
+        model.train()
+        for i in range(2):
+            model(x[i::2])
+        for m in norms:
+            m.momentum = 0.1
+    return model

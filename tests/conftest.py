@@ -4,13 +4,14 @@ on any module it touched."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import weakref
 
 import pytest
 import torch
 
-from freezesched.freezing import _mechanism
+from freezesched.freezing import _fast, _mechanism
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,6 +36,7 @@ def _restore_invariant(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(_mechanism.Hold, "acquire", recording_acquire)
     handler = signal.getsignal(signal.SIGINT)
+    entries = set(_fast._ENTRIES)
     yield
     monkeypatch.undo()
     assert not _mechanism._PARAMS, "a parameter is still held frozen after the test"
@@ -53,4 +55,9 @@ def _restore_invariant(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
         module = ref()
         if module is not None:
             left = [k for k in vars(module) if "freezesched" in k]
+            left += [k for k in ("forward", "__getstate__") if _fast.is_ours(vars(module).get(k))]
             assert not left, f"freezesched left {left} on a {type(module).__name__}"
+    if set(_fast._ENTRIES) - entries:  # fast twins are kept per module, while it lives
+        gc.collect()
+        left = set(_fast._ENTRIES) - entries
+        assert not left, "a fast twin outlived its module (or drop_fast was not called)"

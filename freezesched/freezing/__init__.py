@@ -15,6 +15,15 @@ from freezesched.freezing._distributed import (
     managed_parameters,
     unwrap,
 )
+from freezesched.freezing._fast import (
+    FastFrozen,
+    FastMismatchError,
+    FastModeWarning,
+    FastReport,
+    drop_fast,
+    fast_report,
+)
+from freezesched.freezing._features import FeatureCache, FeatureCacheMismatchError, sample_keys
 from freezesched.freezing._guard import FrozenRegion, FrozenStageGuard, freeze
 from freezesched.freezing._mechanism import is_frozen, thawed
 from freezesched.freezing._optim import LRRamp, check_optimizers, reset_optimizer_state
@@ -30,6 +39,12 @@ from freezesched.freezing._signals import GradientSignal, agree_across_ranks, as
 from freezesched.freezing._targets import TargetSpec
 
 __all__ = [
+    "FastFrozen",
+    "FastMismatchError",
+    "FastModeWarning",
+    "FastReport",
+    "FeatureCache",
+    "FeatureCacheMismatchError",
     "FreezeAwareGradScaler",
     "FreezeController",
     "FreezePolicy",
@@ -47,12 +62,15 @@ __all__ = [
     "check_ddp_settings",
     "check_optimizers",
     "constant_decision",
+    "drop_fast",
+    "fast_report",
     "freeze",
     "has_grads",
     "is_frozen",
     "managed_parameters",
     "reset_optimizer_state",
     "resolve_policy",
+    "sample_keys",
     "thawed",
     "unwrap",
 ]

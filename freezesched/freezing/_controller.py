@@ -27,6 +27,7 @@ from freezesched.freezing._distributed import (
     fsdp2_sharded_counterparts,
     unwrap,
 )
+from freezesched.freezing._fast import drop_fast
 from freezesched.freezing._mechanism import (
     Hold,
     Plan,
@@ -514,9 +515,11 @@ class FreezeController:
             if module is not modules[name]:  # replaced by assignment: restore the old one
                 del self._holds[name]
                 hold.release()
+                self._drop_fast(module)
             elif not wanted[name]:
                 del self._holds[name]
                 freed += hold.release()
+                self._drop_fast(module)
         for name, plan in plans.items():
             hold = Hold(plan)
             hold.acquire()
@@ -560,6 +563,10 @@ class FreezeController:
                     "only its BatchNorm and dropout are to be pinned"
                 )
             self._trainable[name] = weakref.ref(module)
+
+    def _drop_fast(self, module: nn.Module) -> None:
+        if self.policy.fast is not None:  # issue 17: its frozen phase ended
+            drop_fast(module)
 
     def _update_ramp(self) -> None:
         ramp = self.policy.unfreeze_lr
@@ -663,9 +670,10 @@ class FreezeController:
         holds, self._holds = self._holds, {}
         self._trainable = {}
         error: BaseException | None = None
-        for _, hold in reversed(list(holds.values())):
+        for module, hold in reversed(list(holds.values())):
             try:
                 hold.release()
+                self._drop_fast(module)
             except BaseException as caught:
                 error = error or caught
         if self._ramp is not None:

@@ -8,6 +8,7 @@ from types import TracebackType
 from torch import nn
 from typing_extensions import Self
 
+from freezesched.freezing._fast import drop_fast
 from freezesched.freezing._mechanism import (
     _DEPTH,
     CachedPlan,
@@ -87,6 +88,10 @@ class FrozenRegion:
         if self._holds is not None:
             raise RuntimeError("this region was already entered; call guard(...) for a new one")
         plans = self.plans()  # read-only: bad input leaves the model untouched
+        if self.policy.fast is not None:  # issue 17: a trainable stage ends a frozen phase
+            for stage, frozen in zip(self.stages, self.frozen, strict=True):
+                for module in stage if not frozen else ():
+                    drop_fast(module)
         holds = [Hold(plan) for plan in plans]
         entered, main, added = False, is_main_thread(), 0
         try:

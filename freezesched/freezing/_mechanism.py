@@ -58,6 +58,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.parameter import is_lazy
 
 from freezesched._validation import describe
+from freezesched.freezing import _fast  # fast frozen mode (attach/detach only)
 from freezesched.freezing._distributed import (
     check_call,
     check_flat_parameter_views,
@@ -159,6 +160,7 @@ class Plan:
             so that one replaced inside the hold is restored too.
         matched: Indices of ``policy.trainable`` entries that matched something.
         names: Qualified name of every submodule (relative to ``module``), by identity.
+        fast: The policy's fast frozen mode (``None``: off).
     """
 
     module: nn.Module
@@ -169,6 +171,7 @@ class Plan:
     matched: set[int]
     names: dict[int, str] = field(repr=False)
     signature: _Signature | None = field(default=None, repr=False)
+    fast: _fast.FastFrozen | None = None
 
     _records: list[tuple[nn.Parameter, _ParamRecord]] | None = field(default=None, repr=False)
     _watches: list[tuple[nn.Module, int, str, _Watch]] | None = field(default=None, repr=False)
@@ -310,6 +313,7 @@ class CachedPlan:
         self.slots = tuple((ref(o), a, ref(p)) for o, a, p in plan.slots)
         self.matched = plan.matched
         self.names = plan.names
+        self.fast = plan.fast
         self.records = tuple(r for _, r in plan.records())
         self.entries = tuple(e for *_, e in plan.watches())
         self.param_ids = plan.param_ids
@@ -331,6 +335,7 @@ class CachedPlan:
             matched=self.matched,
             names=self.names,
             signature=None,
+            fast=self.fast,
         )
         plan._records = list(zip(params, self.records, strict=True))
         plan._watches = [(*w, e) for w, e in zip(watch, self.entries, strict=True)]
@@ -483,6 +488,7 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
         signature=None
         if any(isinstance(r, TrainableRule) and not r.tree_only for r in specs)
         else _Signature.of(modules),
+        fast=policy.fast,
     )
 
 
@@ -1149,6 +1155,12 @@ class Hold:
         Call it inside a critical section (:func:`enter_critical`).
         """
         plan = self.plan
+        if plan.fast is not None:  # refusals come before any change
+            _fast.check_fast(
+                plan.module,
+                scripted=bool(plan.scripted) or any(k & ENTRY for _, k, _ in plan.watch),
+                observers=any(k & (OBSERVER | RESTORE) for _, k, _ in plan.watch),
+            )
         _sync_interrupts(True)  # from here on a Ctrl-C waits until the model is consistent
         with _LOCK:
             try:
@@ -1158,6 +1170,9 @@ class Hold:
                 for module, _ in plan.scripted:
                     self._pin_static(module)
                 _sync_hooks()
+                if plan.fast is not None:
+                    evals = {id(m) for m, k, _ in plan.watch if k & EVAL}
+                    _fast.attach(plan.module, plan.fast, evals, self.key)
             except BaseException:
                 self.release()
                 raise
@@ -1203,6 +1218,8 @@ class Hold:
                     now.requires_grad = True
 
         steps: list[Callable[[], object]] = [params, slots]
+        if plan.fast is not None:
+            steps.insert(0, functools.partial(_fast.detach, plan.module, self.key))
         steps.append(self._unwatch_all)
         steps += [functools.partial(self._unpin_static, m, problems) for m, _ in plan.scripted]
         steps.append(_sync_hooks)

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 
 from freezesched._validation import check_choice, describe
+from freezesched.freezing._fast import FastFrozen
+from freezesched.freezing._features import FeatureCache
 from freezesched.freezing._optim import LRRamp
 
 __all__ = [
@@ -113,16 +115,26 @@ class FreezePolicy:
             module's learning rate at a fraction of the optimizer's and ramps it back
             (the usual recipe of Lightning's ``BackboneFinetuning``); ``None`` (default)
             leaves learning rates alone.
+        fast: A :class:`~freezesched.freezing.FastFrozen`: run each frozen module as a
+            cheaper, checked twin (BatchNorm folded, channels-last, low precision,
+            compiled, a per-sample feature cache; see ``docs/fast.md``). ``None``
+            (default) runs frozen modules plainly. It needs ``bn="eval"``,
+            ``dropout="eval"`` and no ``trainable`` exceptions.
 
     Raises:
-        ValueError: an unknown mode or optimizer policy.
-        TypeError: ``trainable`` is not a sequence of patterns, module types and rules.
+        ValueError: an unknown mode or optimizer policy, or ``fast`` combined with
+            ``bn="train"``, ``dropout="train"`` or ``trainable`` exceptions.
+        TypeError: ``trainable`` is not a sequence of patterns, module types and rules,
+            or ``fast`` is not a ``FastFrozen``.
 
     Examples:
         >>> FreezePolicy(bn="train", trainable=("*adapter*", nn.LayerNorm)).bn
         'train'
         >>> FreezePolicy().replace(on_unfreeze="keep").on_unfreeze
         'keep'
+        >>> from freezesched.freezing import FastFrozen
+        >>> FreezePolicy(fast=FastFrozen(channels_last=True)).fast.fold_bn
+        True
     """
 
     bn: ModePolicy = "eval"
@@ -130,6 +142,7 @@ class FreezePolicy:
     trainable: tuple[TrainableSpec, ...] = ()
     on_unfreeze: OptimizerPolicy = "reset"
     unfreeze_lr: LRRamp | None = None
+    fast: FastFrozen | None = None
 
     def __post_init__(self) -> None:
         if self.unfreeze_lr is not None and not isinstance(self.unfreeze_lr, LRRamp):
@@ -164,6 +177,34 @@ class FreezePolicy:
                     f"TrainableRule, got {describe(spec)}{hint}"
                 )
         object.__setattr__(self, "trainable", specs)
+        self._check_fast()
+
+    def _check_fast(self) -> None:
+        fast = self.fast
+        if fast is None:
+            return
+        if not isinstance(fast, FastFrozen):
+            raise TypeError(f"fast must be a FastFrozen or None, got {describe(fast)}")
+        # A twin is a copy: it can only stand in for a module that computes a fixed
+        # function and owns no trainable parameter.
+        if self.bn != "eval":
+            raise ValueError(
+                "fast needs bn='eval': a fast twin computes with fixed BatchNorm statistics "
+                f"(and folds them into the convolutions), got bn={self.bn!r}. Use bn='eval', "
+                "or leave fast out"
+            )
+        if self.dropout != "eval":
+            raise ValueError(
+                "fast needs dropout='eval': a fast twin is a fixed function, and dropout noise "
+                f"in it would differ from the module's, got dropout={self.dropout!r}"
+            )
+        if self.trainable:
+            raise ValueError(
+                "fast cannot keep trainable exceptions inside a frozen module: a fast twin is "
+                "a copy, so their gradients would not reach the originals; got "
+                f"trainable={self.trainable!r}. Freeze the frozen part by name instead "
+                "(modules=[...]), or leave fast out"
+            )
 
     def replace(self, **changes: Any) -> FreezePolicy:
         """A copy with some fields changed (validated like a new policy)."""
@@ -177,7 +218,9 @@ def resolve_policy(
 
     Shortcuts whose value is ``None`` are not given. This is how every API turns its
     ``policy=`` and keyword shortcuts into one validated policy. A plain dict (from a
-    config file) is read as the policy's fields, ``unfreeze_lr`` as an ``LRRamp``'s.
+    config file) is read as the policy's fields, ``unfreeze_lr`` as an ``LRRamp``'s and
+    ``fast`` as a ``FastFrozen``'s (its ``cache`` as a ``FeatureCache``'s; ``fast=True`` is
+    ``FastFrozen()``).
 
     Raises:
         TypeError: ``policy`` is not a :class:`FreezePolicy` or a mapping, or a field is
@@ -188,6 +231,8 @@ def resolve_policy(
         'train'
         >>> resolve_policy({"on_unfreeze": "keep", "unfreeze_lr": {"start": 0.5}}).unfreeze_lr
         LRRamp(start=0.5, ticks=5)
+        >>> resolve_policy({"fast": {"channels_last": True}}).fast.channels_last
+        True
     """
     known = {f.name for f in dataclasses.fields(FreezePolicy)}
     if policy is None:
@@ -201,6 +246,8 @@ def resolve_policy(
             fields["unfreeze_lr"] = LRRamp(**fields["unfreeze_lr"])
         if "trainable" in fields and isinstance(fields["trainable"], list):
             fields["trainable"] = tuple(fields["trainable"])
+        if "fast" in fields:
+            fields["fast"] = _fast_from_config(fields["fast"])
         policy = FreezePolicy(**fields)
     elif not isinstance(policy, FreezePolicy):
         raise TypeError(f"policy must be a FreezePolicy, a dict or None, got {describe(policy)}")
@@ -208,4 +255,24 @@ def resolve_policy(
     if unknown:
         raise TypeError(f"unknown policy fields {unknown}; known: {sorted(known)}")
     changes = {k: v for k, v in shortcuts.items() if v is not None}
+    if "fast" in changes:
+        changes["fast"] = _fast_from_config(changes["fast"])
     return policy.replace(**changes) if changes else policy
+
+
+def _fast_from_config(value: object) -> object:
+    """``fast`` from a config: a mapping of ``FastFrozen`` fields, ``True`` or ``False``."""
+    if value is True:
+        return FastFrozen()
+    if value is False:
+        return None
+    if isinstance(value, Mapping):
+        fields = dict(value)
+        if isinstance(fields.get("cache"), Mapping):
+            fields["cache"] = FeatureCache(**fields["cache"])
+        known = {f.name for f in dataclasses.fields(FastFrozen)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"fast has unknown fields {unknown}; known: {sorted(known)}")
+        return FastFrozen(**fields)
+    return value
