@@ -36,8 +36,9 @@ fi
 if [ "$which" = newest ]; then
   # PEFT and timm (optional extras, issue 16): torchvision built for this torch, timm,
   # peft (which brings transformers and accelerate) and Lightning, then their tests, the
-  # doctests of the two integrations and the worked example. The main venv has none of
-  # them (its torch has no matching torchvision), so these files skip there.
+  # doctests of the two integrations, the worked example, and fast frozen mode on
+  # torchvision's and timm's models (issue 17). The main venv has none of them (its torch
+  # has no matching torchvision), so those tests skip there.
   echo "freezesched: installing torchvision, timm, peft, lightning into $venv" >&2
   if ! "$venv/bin/python" -m pip install --disable-pip-version-check "torchvision==0.29.1" \
          "timm>=1.0" "peft>=0.15" "lightning>=2.2" "numpy<2.3" >>"$log" 2>&1; then
@@ -46,6 +47,6 @@ if [ "$which" = newest ]; then
   fi
   "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_peft.py tests/test_timm.py tests/test_side_network.py \
-    tests/test_integration_peft.py tests/test_example_peft.py \
+    tests/test_integration_peft.py tests/test_example_peft.py tests/test_fast.py \
     freezesched/integrations/peft.py freezesched/integrations/timm.py
 fi
