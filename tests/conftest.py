@@ -22,14 +22,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _restore_invariant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    original_flags: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
+    # Strong references (for the test's duration): a weak one would itself stop
+    # torch.utils.swap_tensors, which tests check freezesched never does.
+    original_flags: dict[int, tuple[torch.Tensor, bool]] = {}
     touched: list[weakref.ref[torch.nn.Module]] = []
     acquire = _mechanism.Hold.acquire
 
     def recording_acquire(self: _mechanism.Hold) -> None:
         for param in self.plan.params:
             if id(param) not in original_flags and not _mechanism.is_frozen(param):
-                original_flags[id(param)] = (weakref.ref(param), param.requires_grad)
+                original_flags[id(param)] = (param, param.requires_grad)
         touched.extend(weakref.ref(m) for m, _, _ in self.plan.watch)
         touched.append(weakref.ref(self.plan.module))
         acquire(self)
@@ -47,10 +49,8 @@ def _restore_invariant(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
     assert _mechanism._DEPTH == [0] and not _mechanism._PENDING and not _mechanism._PREVIOUS
     assert signal.getsignal(signal.SIGINT) is handler, "the SIGINT handler was not restored"
     if request.node.get_closest_marker("changes_flags") is None:
-        for ref, flag in original_flags.values():
-            param = ref()
-            if param is not None:
-                assert param.requires_grad is flag, "a parameter's requires_grad was not restored"
+        for param, flag in original_flags.values():
+            assert param.requires_grad is flag, "a parameter's requires_grad was not restored"
     for ref in touched:
         module = ref()
         if module is not None:

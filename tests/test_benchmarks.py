@@ -52,6 +52,13 @@ def test_step_savings_benchmark_quick(tmp_path):
     assert records["freezesched"]["saved_bytes_ratio_to_ideal"] == 1.0
     assert records["freezesched"]["flops_ratio_to_ideal"] == 1.0
     assert records["detach"]["saved_bytes_ratio_to_ideal"] > 5
+    # Fast frozen mode: each variant a record like the others, with its output difference
+    # from the plain frozen forward (float32 variants within float32 rounding of it).
+    fast = {n: r for n, r in records.items() if "fast" in n}
+    assert {"fast-fold", "fast", "fast-bf16", "fast-cache"} <= set(fast)
+    for name, r in fast.items():
+        assert r["time_ratio_to_ideal"] > 0 and r["max_abs_diff"] is not None, name
+        assert r["max_rel_diff"] < (0.1 if "bf16" in name else 1e-4), (name, r)
     assert [r["frozen_stages"] for r in data["layerwise"]] == list(range(6))
     flops = [r["flops"] for r in data["layerwise"]]
     assert flops == sorted(flops, reverse=True) and flops[-1] == records["ideal"]["flops"]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from helpers import bitwise_equal, changed, flags, loss_fn, make_net, runs_in_eval, tensors
+from torch import nn
 
 from freezesched import (
     Constant,
@@ -324,3 +325,38 @@ def test_names_resolve_inside_a_data_parallel_wrapper():
     loss_fn(wrapped, 0).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     ctrl.release()
+
+
+def test_a_tree_changed_inside_a_module_that_stays_frozen_is_frozen_again():
+    # Between ticks the user grows, re-assigns or swaps parts of a frozen module: the next
+    # apply() freezes what the module holds now, and release restores every flag.
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), nn.Linear(2, 1))
+    ctrl = FreezeController(model, {"0": Constant(True)})
+    ctrl.apply(0)
+    backbone = model[0]
+    backbone.append(nn.Linear(2, 2))  # a layer added
+    backbone[0].weight = nn.Parameter(torch.ones(2, 2))  # a weight re-assigned
+    old = backbone[1]
+    new = nn.BatchNorm1d(2)  # a norm layer replaced around the same statistics
+    new.running_mean, new.running_var = old.running_mean, old.running_var
+    backbone[1] = new
+    ctrl.apply(1)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert all(p.requires_grad for p in model[1].parameters())
+    model.train()
+    before = new.running_mean.clone()
+    model(torch.randn(8, 2) + 5)
+    assert torch.equal(before, new.running_mean)  # pinned in eval: no drift
+    ctrl.release()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_load_state_dict_assign_inside_a_frozen_phase_restores_the_flags():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    ctrl = FreezeController(model, {"0": Constant(True)})
+    ctrl.apply(0)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    ctrl.apply(1)
+    assert not model[0].weight.requires_grad and ctrl.frozen == {"0": True}
+    ctrl.release()
+    assert all(p.requires_grad for p in model.parameters())

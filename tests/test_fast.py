@@ -630,6 +630,23 @@ def test_feature_cache_serves_repeated_samples_from_the_second_epoch():
     drop_fast(net)
 
 
+def test_features_of_one_precision_are_never_served_to_another():
+    net = small_cnn()
+    data = torch.randn(3, 3, 8, 8)
+    with freeze(net):
+        plain = net(data)
+    cache = FeatureCache(verify_fraction=0.0)
+    low = FreezePolicy(fast=FastFrozen(dtype="bfloat16", cache=cache))
+    with freeze(net, policy=low), sample_keys(range(3)):
+        net(data)  # cached in bfloat16
+    with freeze(net, policy=FreezePolicy(fast=FastFrozen(cache=cache))), sample_keys(range(3)):
+        out = net(data)  # an equal cache, but float32: its own store, computed afresh
+    assert within(out, plain, FastFrozen().tolerance(torch.float32))
+    report = fast_report(net)
+    assert report is not None and report.cache_hits == 0
+    drop_fast(net)
+
+
 def test_feature_cache_catches_augmentation_with_its_verification():
     net = small_cnn()
     data = torch.randn(4, 3, 8, 8)

@@ -244,3 +244,75 @@ def test_a_rule_that_reads_more_than_the_tree_is_asked_every_step():
     finally:
         guard_module.plan_freeze = original
     assert len(plan_calls) == 1
+
+
+def test_a_cached_plan_leaves_no_weak_reference_on_a_tensor():
+    # torch.utils.swap_tensors (module.to() with set_swap_module_params_on_conversion, and
+    # tensor subclasses such as DTensor) refuses tensors that have weak references.
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    guard = FrozenStageGuard(Constant(True))
+    for step in range(3):
+        with guard(model[1], step):
+            model(torch.randn(2, 4))
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not any(weakref.getweakrefs(t) for t in tensors)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)  # raised "Couldn't swap BatchNorm1d.weight" when it held some
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(p is q for p, q in zip(tensors, model.parameters(), strict=False))  # swapped
+    with guard(model[1], 3):  # the swapped tensors (same objects, new contents) still plan
+        assert not model[1].weight.requires_grad and model[0].weight.requires_grad
+        model(torch.randn(2, 4, dtype=torch.float64))
+    assert model[1].weight.requires_grad
+
+
+def test_a_reassigned_policy_is_obeyed_at_the_next_step():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    guard = FrozenStageGuard(Constant(True))
+    with guard(model, 0):
+        assert not model[2].weight.requires_grad
+    guard.policy = guard.policy.replace(trainable=("2",))
+    with guard(model, 1):  # the plan cached under the old policy is not reused
+        assert model[2].weight.requires_grad and not model[0].weight.requires_grad
+    guard.policy = guard.policy.replace(trainable=("nomatch",))
+    with pytest.raises(ValueError, match="matched nothing"), guard(model, 2):
+        pass
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_threads_sharing_a_guard_over_more_trees_than_it_caches():
+    import sys
+    import threading
+
+    models = [nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)) for _ in range(12)]
+    guard = FrozenStageGuard(Constant(True))
+    errors: list[BaseException] = []
+    wrong: list[int] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(400):
+                model = models[(i * 7 + k) % len(models)]  # more trees than the cache holds
+                with guard(model, i):
+                    if model[0].weight.requires_grad or model[1].weight.requires_grad:
+                        wrong.append(i)
+        except BaseException as error:
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and not wrong
+    assert all(p.requires_grad for m in models for p in m.parameters())
+    assert not _mechanism._PARAMS and not _mechanism._WATCH

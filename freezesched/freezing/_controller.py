@@ -95,6 +95,11 @@ def _stages_of(key: object) -> tuple[tuple[str, ...], ...]:
     return tuple(stages)
 
 
+def _plan_current(plan: Plan) -> bool:
+    """Whether ``plan``'s module tree is unchanged (a plan that cannot tell is not)."""
+    return plan.signature is not None and plan.signature.alive() is not None
+
+
 class FreezeController:
     """Apply freeze schedules to named submodules at epoch (or any tick) granularity.
 
@@ -496,10 +501,23 @@ class FreezeController:
         self._check_trainable(tick, wanted, modules)
         for i, signal in self._signals.items():
             signal.stages = tuple(self._stage_modules(self._targets[i], modules))
+        # A module that stays frozen is planned again if its tree changed since it was
+        # frozen (a layer appended, a weight or a BatchNorm replaced): what it holds now
+        # must be frozen too.
+        replanned = {
+            name
+            for name, (module, hold) in self._holds.items()
+            if module is modules[name] and wanted[name] and not _plan_current(hold.plan)
+        }
         plans = {
             name: plan_freeze(modules[name], self.policy)
             for name, frozen in wanted.items()
-            if frozen and (name not in self._holds or self._holds[name][0] is not modules[name])
+            if frozen
+            and (
+                name not in self._holds
+                or self._holds[name][0] is not modules[name]
+                or name in replanned
+            )
         }
         leaving = [
             p
@@ -520,6 +538,11 @@ class FreezeController:
                 del self._holds[name]
                 freed += hold.release()
                 self._drop_fast(module)
+            elif name in replanned:  # frozen again below, with what its tree holds now
+                # (released first: a parameter that replaced a frozen one gets that one's
+                # own flag back, which the new hold then keeps as the one to restore)
+                del self._holds[name]
+                hold.release()
         for name, plan in plans.items():
             hold = Hold(plan)
             hold.acquire()

@@ -20,10 +20,11 @@ The guarantees (each tested, see ``docs/fast.md``):
   forward's result and gradients, the plain forward runs and the reason is counted in the
   report (and warned once): trainable tensors reaching the module
   (``functional_call``, ``requires_grad`` set), hooks on a submodule, global module hooks
-  (a profiler), keyword or non-tensor arguments, an input on another device, TorchScript
-  or FX tracing, and running inside an outer ``torch.compile`` (which optimises the plain
-  forward itself). A low-precision or compiled twin is not used when the input requires
-  grad (a frozen middle stage): the float32 folded twin passes the input gradient back.
+  (a profiler), keyword or non-tensor arguments, an input on another device. TorchScript
+  or FX tracing and an outer ``torch.compile`` (which optimises the plain forward itself)
+  always see the plain forward; those calls are not counted in the report. A
+  low-precision or compiled twin is not used when the input requires grad (a frozen
+  middle stage): the float32 folded twin passes the input gradient back.
 * **Nothing left behind.** The originals are never written. While a fast hold is active
   the module carries two instance attributes, ``forward`` and ``__getstate__``; copies and
   pickles taken meanwhile leave them out, and both are removed when the last fast hold
@@ -314,7 +315,9 @@ class _Entry:
     holders: set[int] = field(default_factory=set)
     fingerprint: _Fingerprint | None = None
     twins: dict[Hashable, _TwinSlot] = field(default_factory=dict)
-    stores: dict[FeatureCache, FeatureStore] = field(default_factory=dict)
+    #: One store per whole spec (not per cache): features computed in bf16 are never
+    #: served to a float32 spec with an equal FeatureCache.
+    stores: dict[FastFrozen, FeatureStore] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     override: _FastForward | None = None
     getstate: _GetState | None = None
@@ -1033,6 +1036,8 @@ def _verified(
         with entry.lock:
             entry.twins.clear()
             entry.fingerprint = None
+            for store in entry.stores.values():  # features the twin computed, too
+                store.clear()
         raise FastMismatchError(
             f"fast frozen mode's periodic check of {name} failed: {_shown(diff, tolerance)}. "
             "Its weights or buffers were changed in a way torch does not record "
@@ -1078,9 +1083,9 @@ def _cached(
             f"sample_keys gave {len(keys)} keys but the batch of {name}'s input has {batch} "
             f"samples (shape {tuple(x.shape)}); give one key per sample"
         )
-    store = entry.stores.get(cache)
+    store = entry.stores.get(spec)
     if store is None:
-        store = entry.stores[cache] = FeatureStore(cache, f"{id(entry):x}-{len(entry.stores)}")
+        store = entry.stores[spec] = FeatureStore(cache, f"{id(entry):x}-{len(entry.stores)}")
     signature = _signature(fp, entry.eval_ids, x.device)
     full = [(signature, k) for k in keys]
     hit = [k in store for k in full]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -73,14 +74,14 @@ class FrozenRegion:
         """
         modules = self.frozen_modules
         if self._cache is not None:
-            plans = self._cache.get(modules)
+            plans = self._cache.get(modules, self.policy)
             if plans is not None:
                 return plans
         plans = [plan_freeze(m, self.policy) for m in modules]
         if plans:
             check_patterns_matched(self.policy, plans, "the frozen modules")
         if self._cache is not None:
-            self._cache.put(modules, plans)
+            self._cache.put(modules, self.policy, plans)
         return plans
 
     @critical
@@ -143,32 +144,39 @@ class PlanCache:
 
     Planning walks the whole tree and was most of a guarded step's overhead; a cached
     plan is checked against the tree instead (:meth:`CachedPlan.revive`). Plans are kept
-    without references to the models, so a guard keeps no model alive.
+    without references to the models, so a guard keeps no model alive. A plan is reused
+    only under the policy it was made with (the very object: a guard whose ``policy`` is
+    reassigned plans again), and the cache may be shared by threads.
     """
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._plans: dict[tuple[int, ...], list[CachedPlan]] = {}
+        self._plans: dict[tuple[int, ...], tuple[FreezePolicy, list[CachedPlan]]] = {}
+        self._lock = threading.Lock()
 
-    def get(self, modules: tuple[nn.Module, ...]) -> list[Plan] | None:
+    def get(self, modules: tuple[nn.Module, ...], policy: FreezePolicy) -> list[Plan] | None:
         key = tuple(map(id, modules))
-        cached = self._plans.get(key)
-        if cached is None:
+        with self._lock:
+            found = self._plans.get(key)
+        if found is None or found[0] is not policy:
             return None
-        plans = [c.revive() for c in cached]
-        if all(p is not None and p.module is m for p, m in zip(plans, modules, strict=True)):
-            self._plans[key] = self._plans.pop(key)  # most recently used last
-            return plans  # type: ignore[return-value]
-        del self._plans[key]
-        return None
+        plans = [c.revive() for c in found[1]]
+        fresh = all(p is not None and p.module is m for p, m in zip(plans, modules, strict=True))
+        with self._lock:
+            if self._plans.get(key) is found:
+                del self._plans[key]
+                if fresh:
+                    self._plans[key] = found  # most recently used last
+        return plans if fresh else None  # type: ignore[return-value]
 
-    def put(self, modules: tuple[nn.Module, ...], plans: list[Plan]) -> None:
+    def put(self, modules: tuple[nn.Module, ...], policy: FreezePolicy, plans: list[Plan]) -> None:
         cached = [plan.cached() for plan in plans]
         if any(c is None for c in cached):
             return
-        self._plans[tuple(map(id, modules))] = cached  # type: ignore[assignment]
-        while len(self._plans) > self.size:
-            del self._plans[next(iter(self._plans))]
+        with self._lock:
+            self._plans[tuple(map(id, modules))] = (policy, cached)  # type: ignore[assignment]
+            while len(self._plans) > self.size:
+                del self._plans[next(iter(self._plans))]
 
 
 def _release_all(holds: list[Hold]) -> None:

@@ -180,8 +180,18 @@ class Plan:
     )
 
     def cached(self) -> CachedPlan | None:
-        """This plan without strong references, for reuse; ``None`` if not cacheable."""
-        return None if self.signature is None else CachedPlan(self, self.signature)
+        """This plan without strong references, for reuse; ``None`` if not cacheable.
+
+        Not cacheable: a tree the signature cannot check (TorchScript), a rule that reads
+        more than the tree, or a frozen parameter that is not in a slot of the tree (an
+        FSDP2 sharded parameter), which a cached plan could not find again.
+        """
+        if self.signature is None:
+            return None
+        in_slots = {id(p) for _, _, p in self.slots}
+        if not all(i in in_slots for i in self.param_ids):
+            return None
+        return CachedPlan(self, self.signature)
 
     @functools.cached_property
     def param_ids(self) -> tuple[int, ...]:
@@ -196,10 +206,7 @@ class Plan:
     def records(self) -> list[tuple[nn.Parameter, _ParamRecord]]:
         """One registry record per frozen parameter, made once and reused by each hold."""
         if self._records is None:
-            self._records = [
-                (p, _ParamRecord(weakref.ref(p, _forget_param(id(p))), p.requires_grad))
-                for p in self.params
-            ]
+            self._records = [(p, _ParamRecord(id(p), p.requires_grad)) for p in self.params]
         return self._records
 
     def watches(self) -> list[tuple[nn.Module, int, str, _Watch]]:
@@ -251,10 +258,14 @@ class _Signature:
         filled = tuple(itertools.compress(dicts, self.filled))
         self.keys = tuple(itertools.chain.from_iterable(map(dict.keys, filled)))
         values = tuple(itertools.chain.from_iterable(map(dict.values, filled)))
-        # ``None`` entries (``bias=None``) by position; weak references to the others.
+        # ``None`` entries (``bias=None``) by position; the others by identity. Modules
+        # are referenced weakly (a dead one is a changed tree), tensors by ``id`` only: a
+        # weak reference on a parameter would stop ``torch.utils.swap_tensors``. A new
+        # tensor that happens to get a dead one's ``id`` sits in the same slot of the
+        # same tree, which plans the same (the plan takes its tensors from the tree).
         self.nones = tuple(v is None for v in values)
         self.kept = tuple(not none for none in self.nones)
-        self.values = tuple(weakref.ref(v) for v in values if v is not None)
+        self.values = tuple(id(v) for v in values if v is not None)
 
     @classmethod
     def of(cls, modules: Sequence[nn.Module]) -> _Signature | None:
@@ -275,9 +286,7 @@ class _Signature:
         values = tuple(itertools.chain.from_iterable(map(dict.values, filled)))
         if tuple(map(operator.is_, values, itertools.repeat(None))) != self.nones:
             return None
-        # A dead reference gives None, never the live object in the dictionary.
-        then = map(_CALL, self.values)
-        if not all(map(operator.is_, itertools.compress(values, self.kept), then)):
+        if tuple(map(id, itertools.compress(values, self.kept))) != self.values:
             return None
         if tuple(itertools.chain.from_iterable(map(dict.keys, filled))) != self.keys:
             return None
@@ -291,7 +300,8 @@ class CachedPlan:
     """A :class:`Plan` kept without keeping its model alive, for reuse while it holds.
 
     Planning walks the whole tree and was most of a guarded step's overhead. A cached
-    plan keeps weak references only (and the registry entries its holds reuse); each
+    plan keeps weak references to modules only (and the registry entries its holds
+    reuse), and finds each parameter again in its slot (owner module, attribute); each
     :meth:`revive` checks the tree is alive and unchanged (:class:`_Signature`) and hands
     back an equivalent plan, or ``None``.
     """
@@ -305,12 +315,15 @@ class CachedPlan:
                 found = refs[id(obj)] = weakref.ref(obj)
             return found
 
+        slot_of: dict[int, tuple[Any, str]] = {}  # (weakref to the owner, attribute)
+        for owner, attr, param in plan.slots:
+            slot_of.setdefault(id(param), (ref(owner), attr))
         self.signature = signature
         self.module = ref(plan.module)
-        self.params = tuple(map(ref, plan.params))
+        self.params = tuple(slot_of[i] for i in plan.param_ids)
         self.watch = tuple((ref(m), k, n) for m, k, n in plan.watch)
         self.scripted = tuple((ref(m), n) for m, n in plan.scripted)
-        self.slots = tuple((ref(o), a, ref(p)) for o, a, p in plan.slots)
+        self.slots = tuple((ref(o), a) for o, a, _ in plan.slots)
         self.matched = plan.matched
         self.names = plan.names
         self.fast = plan.fast
@@ -323,15 +336,16 @@ class CachedPlan:
         """The plan, if its tree is alive and unchanged; else ``None``."""
         if self.signature.alive() is None:
             return None
-        # Unchanged: every object below is alive (the tree holds it) and in its place.
-        params = list(map(_CALL, self.params))
+        # Unchanged: every module below is alive (the tree holds it), every parameter is
+        # in its slot.
+        params = [o()._parameters[a] for o, a in self.params]
         watch: list[tuple[nn.Module, int, str]] = [(m(), k, n) for m, k, n in self.watch]
         plan = Plan(
             module=self.module(),
             params=params,
             watch=watch,
             scripted=[(m(), n) for m, n in self.scripted],
-            slots=[(o(), a, p()) for o, a, p in self.slots],
+            slots=[(o(), a, o()._parameters[a]) for o, a in self.slots],
             matched=self.matched,
             names=self.names,
             signature=None,
@@ -511,11 +525,28 @@ _LOCK = threading.RLock()
 _HOLD_IDS = itertools.count(1)
 
 
-class _ParamRecord:
-    __slots__ = ("holders", "ref", "requires_grad")
+class _Gone:
+    pass
 
-    def __init__(self, ref: weakref.ref[nn.Parameter], requires_grad: bool) -> None:
-        self.ref = ref
+
+#: A reference that was never alive: what a record refers to while it is not held.
+_NOREF: weakref.ref[Any] = weakref.ref(_Gone())
+
+
+class _ParamRecord:
+    """A parameter's registry entry: its holders and the flag it had before the first.
+
+    A record refers to its parameter (weakly) only while it is held: a weak reference
+    left on a parameter between holds would make ``torch.utils.swap_tensors`` (used by
+    ``module.to()`` under ``torch.__future__.set_swap_module_params_on_conversion`` and
+    for tensor subclasses such as DTensor) refuse to convert the model.
+    """
+
+    __slots__ = ("forget", "holders", "ref", "requires_grad")
+
+    def __init__(self, key: int, requires_grad: bool) -> None:
+        self.ref: weakref.ref[nn.Parameter] = _NOREF
+        self.forget = _forget_param(key)
         self.requires_grad = requires_grad
         self.holders: set[int] = set()
 
@@ -1010,7 +1041,9 @@ class Hold:
         if _PARAMS.keys().isdisjoint(plan.param_ids):
             # Nothing else holds any of them (one guard, one region: the usual case).
             self._used = [record for _, record in records]
+            ref = weakref.ref
             for param, record in records:
+                record.ref = ref(param, record.forget)
                 record.requires_grad = param.requires_grad
                 record.holders.clear()  # (empty: a record leaves the registry when it is)
                 record.holders.add(key)
@@ -1029,6 +1062,7 @@ class Hold:
             if found is not None and found.ref() is param:
                 record = found
             else:
+                mine.ref = weakref.ref(param, mine.forget)
                 mine.requires_grad = param.requires_grad
                 mine.holders.clear()
                 record = _PARAMS[id(param)] = mine
@@ -1045,6 +1079,7 @@ class Hold:
                 param.requires_grad = record.requires_grad
             for record in self._used:
                 record.holders.clear()
+                record.ref = _NOREF
             pop = _PARAMS.pop
             for i in self.plan.param_ids:
                 pop(i, None)
@@ -1063,6 +1098,7 @@ class Hold:
                 param.requires_grad = record.requires_grad
                 if _PARAMS.get(id(param)) is record:
                     del _PARAMS[id(param)]
+                    record.ref = _NOREF
                 if id(param) not in seen:
                     seen.add(id(param))
                     freed.append(param)
