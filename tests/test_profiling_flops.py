@@ -305,3 +305,30 @@ def test_profiler_result_only_after_exit_and_type_checks():
         _ = prof.result
     with pytest.raises(TypeError, match=r"model must be an nn\.Module or None, got 'net' \(str\)"):
         FlopProfiler("net")
+
+
+def test_a_custom_op_named_like_a_negligible_one_is_reported_uncounted():
+    # The negligible list names torch's own ops; "myops::norm" doing a matmul is not one.
+    for name in ("norm", "heavy"):
+
+        @torch.library.custom_op(f"freezesched_test::{name}", mutates_args=())
+        def op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return x @ w
+
+        @op.register_fake
+        def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return x.new_empty(x.shape[0], w.shape[1])
+
+        x, w = torch.randn(8, 8), torch.randn(8, 8)
+        with pytest.warns(UncountedOpsWarning, match=f"freezesched_test.{name}"):
+            result = count_flops(lambda op=op: op(x, w))
+        assert dict(result.uncounted) == {f"freezesched_test.{name}": 1}
+
+
+def test_in_place_matmuls_count_like_their_functional_forms():
+    # mmcv's DeformConv2d accumulates with addmm_; it was reported uncounted.
+    a, b, c = torch.randn(8, 6), torch.randn(6, 4), torch.randn(8, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncountedOpsWarning)
+        inplace = count_flops(lambda: c.clone().addmm_(a, b)).total.total
+    assert inplace == count_flops(lambda: torch.addmm(c, a, b)).total.total == 2 * 8 * 6 * 4

@@ -213,6 +213,11 @@ def _registry() -> dict[Any, Formula]:
         packet = getattr(aten, name, None)
         if packet is not None:
             table[packet] = _ours(formula)
+    # In-place variants (``addmm_``, as mmcv's DeformConv2d calls it) compute the same.
+    for packet, counted in list(table.items()):
+        inplace = getattr(aten, f"{getattr(packet, '__name__', '')}_", None)
+        if inplace is not None and inplace not in table:
+            table[inplace] = counted
     return table
 
 
@@ -299,12 +304,20 @@ _QUIET_TAGS = tuple(
 )
 
 
+_TORCH_NAMESPACES = frozenset({"aten", "prims", None})
+
+
 def _negligible(func: Any) -> bool:
+    namespace = getattr(func, "namespace", None)
+    if namespace in _NEGLIGIBLE_NAMESPACES:
+        return True
     packet = getattr(func, "overloadpacket", func)
     name = getattr(packet, "__name__", str(packet))
-    if name in _NEGLIGIBLE or name.rstrip("_") in _NEGLIGIBLE:
-        return True
-    if getattr(func, "namespace", None) in _NEGLIGIBLE_NAMESPACES:
+    # The list names torch's own ops: a custom op that happens to share a name (``my::norm``
+    # doing a matmul) is not negligible.
+    if namespace in _TORCH_NAMESPACES and (
+        name in _NEGLIGIBLE or name.rstrip("_") in _NEGLIGIBLE
+    ):
         return True
     tags = getattr(func, "tags", ())
     if any(tag in tags for tag in _QUIET_TAGS):
