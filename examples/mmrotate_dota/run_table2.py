@@ -175,13 +175,21 @@ def collect(run: Run, root: str) -> dict | None:
     return record
 
 
-def compare(acc: dict, full: dict | None) -> dict:
+def compare(acc: dict, full: dict | None, full_dir: str | None = None) -> dict:
     """A run against full training over the same epochs.
 
     A DBF run continued from the full run's warm-up checkpoint trains only epochs
     ``first_epoch`` to the end itself; the warm-up epochs are the full run's own, so
     ΔF and ΔT over the whole protocol are this run's against the full run's same epochs
     (and the warm-up's time is counted in the run's time).
+
+    The measured deltas are left out (``None``), with the reason in ``"problem"``, when
+    they would compare unlike things: the full run's record lacks some of those epochs
+    or of the warm-up (it is unfinished, or was itself resumed), an epoch trained a
+    different number of samples in the two runs (another world size with a padding
+    sampler, another data list), or the run was resumed from a checkpoint that is not
+    the full run's (``full_dir``; e.g. its own, after a crash), so its own earlier
+    epochs are missing from its record.
     """
     totals = acc["run"]["totals"]
     first, end = acc["first_epoch"], acc["end_epoch"]
@@ -191,16 +199,42 @@ def compare(acc: dict, full: dict | None) -> dict:
         "delta_measured": None,
         "seconds": sum(e["seconds"] for e in acc["epochs"]),
         "delta_seconds": None,
+        "problem": None,
     }
     if full is None:
         return out
-    same = [e for e in full["epochs"] if first <= e["epoch"] < end]
+    resumed = acc.get("resumed_from")
+    own = resumed and os.path.normpath(os.path.dirname(resumed)) != os.path.normpath(full_dir or "")
+    if first > 0 and full_dir is not None and own:
+        out["problem"] = (
+            f"resumed from {resumed}, not from the full run's checkpoint in {full_dir}: "
+            f"epochs 0-{first} are not in this run's record"
+        )
+        return out
+    same = {e["epoch"]: e for e in full["epochs"] if first <= e["epoch"] < end}
     if len(same) != end - first:
+        out["problem"] = f"the full run's record lacks some of epochs {first}-{end}"
         return out  # the full run did not train those epochs (not finished)
-    out["delta_measured"] = totals["flops_measured"] - sum(e["flops_measured"] for e in same)
-    out["delta_seconds"] = out["seconds"] - sum(e["seconds"] for e in same)
+    warmup = [e for e in full["epochs"] if e["epoch"] < first]
+    if len({e["epoch"] for e in warmup}) != first:
+        out["problem"] = f"the full run's record lacks some of the warm-up epochs 0-{first}"
+        return out
+
+    def samples(epoch: dict) -> int:  # (keyed by freeze state, which the runs differ in)
+        return int(sum(epoch["samples"].values()))
+
+    differ = [e["epoch"] for e in acc["epochs"] if samples(e) != samples(same[e["epoch"]])]
+    if differ:
+        out["problem"] = (
+            f"epochs {differ[:3]}{'...' if len(differ) > 3 else ''} trained other numbers of "
+            "samples than the full run's"
+        )
+        return out
+    out["delta_measured"] = totals["flops_measured"] - sum(
+        e["flops_measured"] for e in same.values()
+    )
+    out["delta_seconds"] = out["seconds"] - sum(e["seconds"] for e in same.values())
     if first > 0:  # the warm-up: trained once, by the full run
-        warmup = [e for e in full["epochs"] if e["epoch"] < first]
         out["epochs"] = f"0-{first} (full run) + {first}-{end}"
         out["seconds"] += sum(e["seconds"] for e in warmup)
     return out
@@ -216,8 +250,11 @@ def write_tables(runs: Sequence[Run], root: str, out: str) -> None:
             continue
         i = POLICIES.index(run.policy)
         acc = record["accounting"]
-        full = results.get(Run(run.detector, run.backbone, run.dataset, "full")) or {}
-        cmp = compare(acc, full.get("accounting"))
+        full_run = Run(run.detector, run.backbone, run.dataset, "full")
+        full = results.get(full_run) or {}
+        cmp = compare(acc, full.get("accounting"), full_run.work_dir(root))
+        if cmp["problem"]:
+            notes.append(f"{run.setting} {run.policy}: no measured ΔF/ΔT: {cmp['problem']}.")
         maps = acc["map"]
         peak = max((p["peak_cuda_bytes"] or 0 for p in acc["run"]["phases"]), default=0)
         ratio = (

@@ -182,3 +182,41 @@ def test_dior_to_dota_writes_dota_text_lines(tmp_path):
     assert lines == ["1.0 2.0 30.0 2.0 30.0 20.0 1.0 20.0 airplane 0",
                      "1.0 2.0 30.0 2.0 30.0 20.0 1.0 20.0 ship 1"]  # fmt: skip
     assert (tmp_path / "out" / "train" / "images" / "00001.jpg").read_bytes() == b"jpeg"
+
+
+def _record(epochs, flops, seconds, samples=4, resumed_from=None):
+    per = [{"epoch": e, "seconds": seconds, "samples": {"": samples},
+            "flops_measured": flops * samples, "flops_2x": 0, "delta_flops_2x": 0}
+           for e in epochs]  # fmt: skip
+    totals = {"samples": samples * len(per), "flops_measured": flops * samples * len(per),
+              "delta_flops_2x": 0}  # fmt: skip
+    return {"run": {"totals": totals}, "epochs": per, "first_epoch": epochs[0],
+            "end_epoch": epochs[-1] + 1, "resumed_from": resumed_from}  # fmt: skip
+
+
+def test_unlike_runs_get_no_measured_delta_and_say_why():
+    full_dir = "w/fcos_r50_dota/full"
+    ok = run_table2.compare(
+        _record(range(50, 400), 6, 30, resumed_from=f"{full_dir}/epoch_50.pth"),
+        _record(range(400), 10, 60),
+        full_dir,
+    )
+    assert ok["problem"] is None and ok["delta_measured"] == 350 * 4 * (6 - 10)
+    cases = {
+        # the full run was itself resumed: its record lacks the warm-up
+        "warm-up": (_record(range(50, 400), 6, 30), _record(range(30, 400), 10, 60)),
+        # another number of samples per epoch (another world size, data list)
+        "other numbers of samples": (
+            _record(range(400), 10, 60, 4),
+            _record(range(400), 10, 60, 5),
+        ),
+        # the DBF run resumed from its own checkpoint after a crash
+        "not from the full run's": (
+            _record(range(100, 400), 6, 30, resumed_from="w/fcos_r50_dota/dbf_rho5/epoch_100.pth"),
+            _record(range(400), 10, 60),
+        ),
+    }
+    for reason, (run, full) in cases.items():
+        out = run_table2.compare(run, full, full_dir)
+        assert out["delta_measured"] is None and out["delta_seconds"] is None, reason
+        assert reason in out["problem"]
