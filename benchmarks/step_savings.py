@@ -45,6 +45,7 @@ per step of layer-wise progressive freezing as 0..5 backbone stages freeze. On C
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -250,7 +251,10 @@ def run_model(
     calibrate(model, x)
     variants = make_variants(model, x, peers=name == "resnet18")
     plain = list(variants)
-    fast, probes, first_epoch = make_fast_variants(model, x, args.compile, args.cache_batches)
+    # The fast variants run on a copy: the "full" variant trains the backbone, and a frozen
+    # phase's weights do not change (each change rebuilds the twins and empties the cache).
+    fast_model = copy.deepcopy(model)
+    fast, probes, first_epoch = make_fast_variants(fast_model, x, args.compile, args.cache_batches)
     variants.update(fast)
     names = list(variants)
 
@@ -261,12 +265,12 @@ def run_model(
         for n in names:
             variants[n]()
     first_epoch()  # the feature cache's first epoch: every batch a miss
-    model.backbone.eval()
+    fast_model.backbone.eval()
     with torch.no_grad():
-        reference = model.backbone(x)
-    model.backbone.train()
+        reference = fast_model.backbone(x)  # the plain frozen forward
+    fast_model.backbone.train()
     diffs = {n: difference(probes[n], reference) for n in fast}
-    reports = {n: fast_report(model.backbone) for n in fast}
+    reports = {n: fast_report(fast_model.backbone) for n in fast}
     times: dict[str, list[float]] = {n: [] for n in names}
     rng = random.Random(0)
     for _ in range(args.reps):
@@ -276,8 +280,8 @@ def run_model(
             variants[n]()
             times[n] += [timed(variants[n], device) for _ in range(args.block)]
     median = {n: statistics.median(times[n]) for n in names}
-    report = fast_report(model.backbone)
-    drop_fast(model.backbone)
+    report = fast_report(fast_model.backbone)
+    drop_fast(fast_model.backbone)
 
     records: list[dict[str, object]] = []
     for n in names:
@@ -314,7 +318,11 @@ def run_model(
         folded = len(reports["fast"].folded) if reports.get("fast") else 0
         print(f"fast mode folded {folded} BatchNorm layers into convolutions; "
               f"feature cache: {report.cache_hits} hits, {report.cache_misses} misses "
-              f"({report.cache_verified} hits recomputed and checked)")  # fmt: skip
+              f"({report.cache_verified} hits recomputed and checked); "
+              f"{report.fast_calls} calls ran a fast twin, "
+              f"{report.builds} twins built")  # fmt: skip
+        for reason, calls in report.plain_calls:  # what ran plainly, and why
+            print(f"  plain ({calls} calls): {reason}")
     return model, x, median, records
 
 

@@ -321,7 +321,7 @@ def test_a_custom_op_named_like_a_negligible_one_is_reported_uncounted():
 
         x, w = torch.randn(8, 8), torch.randn(8, 8)
         with pytest.warns(UncountedOpsWarning, match=f"freezesched_test.{name}"):
-            result = count_flops(lambda op=op: op(x, w))
+            result = count_flops(lambda op=op, x=x, w=w: op(x, w))
         assert dict(result.uncounted) == {f"freezesched_test.{name}": 1}
 
 

@@ -75,11 +75,14 @@ FastDtype = Literal["bfloat16", "float16"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: Default ``(rtol, atol)`` per effective precision: ``|fast - plain| <= atol + rtol * scale``
-#: with ``scale`` the largest ``|plain|`` of the output. About 10x the largest error
-#: measured on ResNet-18/50 and random conv/BN/linear nets (docs/fast.md).
+#: with ``scale`` the largest ``|plain|`` of the output. float32: about 10x the largest
+#: folding error measured (9e-5 relative on a ResNet-50 backbone with 53 folded norms;
+#: 8e-6 on a ResNet-18; <= 4e-7 on small random nets); low precision: about 10x the
+#: error of ResNet-18-sized and random nets (a deeper net may exceed it, and then runs
+#: plainly: the first check refuses the twin). See docs/fast.md.
 _TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-9, 1e-12),
-    torch.float32: (1e-4, 1e-6),
+    torch.float32: (1e-3, 1e-6),
     torch.float16: (2e-2, 1e-4),
     torch.bfloat16: (1e-1, 1e-3),
 }

@@ -491,4 +491,4 @@ def _compile(module: nn.Module, counter: list[int]) -> Callable[..., Any]:
         counter[0] += 1
         return inductor.compile(gm, inputs, options={"freezing": True})
 
-    return torch.compile(module, backend=backend, dynamic=False)
+    return torch.compile(module.forward, backend=backend, dynamic=False)

@@ -315,9 +315,7 @@ def _negligible(func: Any) -> bool:
     name = getattr(packet, "__name__", str(packet))
     # The list names torch's own ops: a custom op that happens to share a name (``my::norm``
     # doing a matmul) is not negligible.
-    if namespace in _TORCH_NAMESPACES and (
-        name in _NEGLIGIBLE or name.rstrip("_") in _NEGLIGIBLE
-    ):
+    if namespace in _TORCH_NAMESPACES and (name in _NEGLIGIBLE or name.rstrip("_") in _NEGLIGIBLE):
         return True
     tags = getattr(func, "tags", ())
     if any(tag in tags for tag in _QUIET_TAGS):
