@@ -37,8 +37,9 @@ if [ "$which" = newest ]; then
   # PEFT and timm (optional extras, issue 16): torchvision built for this torch, timm,
   # peft (which brings transformers and accelerate) and Lightning, then their tests, the
   # doctests of the two integrations, the worked example, and fast frozen mode on
-  # torchvision's and timm's models (issue 17). The main venv has none of them (its torch
-  # has no matching torchvision), so those tests skip there.
+  # torchvision's and timm's models (issue 17), and the README quickstart on torchvision's
+  # ResNet-50 (issue 15). The main venv has none of them (its torch has no matching
+  # torchvision), so those tests skip or use a stand-in there.
   echo "freezesched: installing torchvision, timm, peft, lightning into $venv" >&2
   if ! "$venv/bin/python" -m pip install --disable-pip-version-check "torchvision==0.29.1" \
          "timm>=1.0" "peft>=0.15" "lightning>=2.2" "numpy<2.3" >>"$log" 2>&1; then
@@ -48,5 +49,6 @@ if [ "$which" = newest ]; then
   "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_peft.py tests/test_timm.py tests/test_side_network.py \
     tests/test_integration_peft.py tests/test_example_peft.py tests/test_fast.py \
+    tests/test_first_hour.py::test_the_readme_quickstart_runs_on_a_resnet_50 \
     freezesched/integrations/peft.py freezesched/integrations/timm.py
 fi
