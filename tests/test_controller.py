@@ -13,9 +13,11 @@ from torch import nn
 from freezesched import (
     Constant,
     FreezeController,
+    FreezePolicy,
     FrozenStageGuard,
     Layerwise,
     Step,
+    UnfreezeAt,
     WarmupThenFreeze,
     is_frozen,
 )
@@ -351,6 +353,7 @@ def test_a_tree_changed_inside_a_module_that_stays_frozen_is_frozen_again():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.changes_flags  # the loaded parameters are new: their flag is the replaced ones'
 def test_load_state_dict_assign_inside_a_frozen_phase_restores_the_flags():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     ctrl = FreezeController(model, {"0": Constant(True)})
@@ -360,3 +363,73 @@ def test_load_state_dict_assign_inside_a_frozen_phase_restores_the_flags():
     assert not model[0].weight.requires_grad and ctrl.frozen == {"0": True}
     ctrl.release()
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_module_that_stays_frozen_stays_frozen_when_planning_it_again_fails():
+    from freezesched.freezing import FastFrozen
+
+    model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(2, 2)), "b": nn.Linear(2, 2)})
+    policy = FreezePolicy(fast=FastFrozen())
+    ctrl = FreezeController(model, {"a": Constant(True), "b": Constant(False)}, policy=policy)
+    ctrl.apply(0)
+    model["a"].append(torch.jit.script(nn.Linear(2, 2)))  # fast mode cannot copy this
+    with pytest.raises(ValueError, match="TorchScript"):
+        ctrl.apply(1)
+    assert ctrl.frozen == {"a": True, "b": False}  # the old hold was kept
+    assert not model["a"][0].weight.requires_grad
+    ctrl.release()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_scripted_frozen_module_is_not_disturbed_between_ticks():
+    # A TorchScript tree cannot be checked cheaply, so it is planned every tick; an
+    # unchanged plan keeps its hold (a released one would report the loaded buffers).
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.BatchNorm1d(2))), nn.Linear(2, 2)
+    )
+    ctrl = FreezeController(model, {"0": Constant(True)})
+    ctrl.apply(0)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    ctrl.apply(1)
+    model.train()
+    norm = model[0][1]
+    before = norm.running_mean.clone()
+    model(torch.randn(4, 2))
+    assert torch.equal(before, norm.running_mean)
+    # Loading wrote the scripted buffers while frozen, which the check at the end reports.
+    with pytest.raises(RuntimeError, match="load_state_dict"):
+        ctrl.release()
+
+
+def test_a_parameter_a_new_plan_unfreezes_loses_its_stale_optimizer_state():
+    shared = nn.Linear(2, 2)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctrl = FreezeController(
+        model,
+        {"a": WarmupThenFreeze(1, then=Constant(True)), "b": Constant(False)},
+        optimizers=opt,
+    )
+    ctrl.apply(0)
+    model["b"](torch.randn(3, 2)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert opt.state[shared.weight]
+    ctrl.apply(1)  # "a" frozen: so is the shared layer
+    assert not shared.weight.requires_grad
+    model["a"][0] = nn.Linear(2, 2)  # untied: the shared layer is only in trainable "b" now
+    ctrl.apply(2)
+    assert shared.weight.requires_grad
+    assert not opt.state.get(shared.weight)  # "reset": no momentum from before the freeze
+    ctrl.release()
+
+
+@pytest.mark.changes_flags  # the loaded parameters are new: their flag is the replaced ones'
+def test_loading_with_assign_while_frozen_then_unfreezing_is_not_refused():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    ctrl = FreezeController(model, {"0": UnfreezeAt(1)})
+    ctrl.apply(0)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert ctrl.apply(1) == {"0": False}
+    assert all(p.requires_grad for p in model.parameters())
+    ctrl.release()

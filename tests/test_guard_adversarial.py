@@ -23,7 +23,7 @@ import torch
 from helpers import batch, flags, make_net, tensors
 from torch import nn
 
-from freezesched import Constant, FreezeController, FrozenStageGuard, Step, is_frozen
+from freezesched import Constant, FreezeController, FrozenStageGuard, Step, freeze, is_frozen
 from freezesched.freezing import _mechanism
 
 FROZEN = FrozenStageGuard(Constant(True))
@@ -750,3 +750,31 @@ def test_checkpointed_frozen_middle_stage_passes_exact_input_gradients(reentrant
         torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=0)
     assert all(p.grad is None for p in model.middle.parameters())
     assert all(torch.equal(v, stats[k]) for k, v in tensors(model.middle).items())
+
+
+@pytest.mark.changes_flags  # the loaded parameters are new: their flag is the replaced ones'
+def test_a_parameter_replaced_between_two_overlapping_holds_gets_its_flag_back():
+    # The second hold takes the replacement's inherited False for the flag to restore;
+    # releasing the first gives that hold the replaced parameter's flag instead.
+    model = nn.Linear(2, 2)
+    first = freeze(model)
+    first.__enter__()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    second = freeze(model)
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not model.weight.requires_grad  # still held by the second
+    second.__exit__(None, None, None)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_failed_entry_leaves_no_weak_reference_on_a_parameter():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    guard = FrozenStageGuard(Constant(True))
+    real = model[1].weight
+    model[1]._parameters["weight"] = torch.randn(2, 2, requires_grad=True) * 2  # not a leaf
+    with pytest.raises(RuntimeError), guard(model, 0):
+        pass
+    model[1]._parameters["weight"] = real
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(weakref.getweakrefs(p) for p in model.parameters())

@@ -32,6 +32,7 @@ from freezesched.freezing._mechanism import (
     Hold,
     Plan,
     check_patterns_matched,
+    is_frozen,
     plan_freeze,
     restored_requires_grad,
 )
@@ -98,6 +99,16 @@ def _stages_of(key: object) -> tuple[tuple[str, ...], ...]:
 def _plan_current(plan: Plan) -> bool:
     """Whether ``plan``'s module tree is unchanged (a plan that cannot tell is not)."""
     return plan.signature is not None and plan.signature.alive() is not None
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    """Whether two plans of one module freeze, watch and pin exactly the same objects."""
+    return (
+        a.param_ids == b.param_ids
+        and [(id(m), k) for m, k, _ in a.watch] == [(id(m), k) for m, k, _ in b.watch]
+        and [id(m) for m, _ in a.scripted] == [id(m) for m, _ in b.scripted]
+        and [(id(o), n, id(p)) for o, n, p in a.slots] == [(id(o), n, id(p)) for o, n, p in b.slots]
+    )
 
 
 class FreezeController:
@@ -519,6 +530,10 @@ class FreezeController:
                 or name in replanned
             )
         }
+        for name in list(replanned):  # a change that leaves the plan as it was: keep it
+            if _same_plan(self._holds[name][1].plan, plans[name]):
+                replanned.discard(name)
+                del plans[name]
         leaving = [
             p
             for name, (module, hold) in self._holds.items()
@@ -528,25 +543,26 @@ class FreezeController:
         if leaving:  # a wrapper that never synchronizes them would let the ranks diverge
             check_unfreeze(leaving, f"unfreezing at tick {tick}")
         freed: list[nn.Parameter] = []
+        #: Released by a replaced module or a new plan: unfrozen if nothing holds them now.
+        released: list[nn.Parameter] = []
         for name in list(self._holds):
             module, hold = self._holds[name]
             if module is not modules[name]:  # replaced by assignment: restore the old one
                 del self._holds[name]
-                hold.release()
+                released += hold.release()
                 self._drop_fast(module)
             elif not wanted[name]:
                 del self._holds[name]
                 freed += hold.release()
                 self._drop_fast(module)
-            elif name in replanned:  # frozen again below, with what its tree holds now
-                # (released first: a parameter that replaced a frozen one gets that one's
-                # own flag back, which the new hold then keeps as the one to restore)
-                del self._holds[name]
-                hold.release()
         for name, plan in plans.items():
             hold = Hold(plan)
-            hold.acquire()
+            hold.acquire()  # a replanned module's old hold is released only once this holds
+            old = self._holds.get(name) if name in replanned else None
             self._holds[name] = (modules[name], hold)
+            if old is not None:
+                released += old[1].release()
+        freed += [p for p in released if not is_frozen(p)]
         if not resume and self.on_unfreeze == "reset" and freed and self.optimizers:
             reset_optimizer_state(self.optimizers, freed)
         self._tick = tick
@@ -573,7 +589,11 @@ class FreezeController:
             if checked is not None and checked() is module:
                 continue
             params = plan_freeze(module, self.policy).params
-            if params and not any(restored_requires_grad(p) for p in params):
+            if (
+                params
+                and not any(map(restored_requires_grad, params))
+                and not any(self._replaced_flags().get(id(p), False) for p in params)
+            ):
                 key = next(t.key for t in self._targets if any(name in s for s in t.stages))
                 raise ValueError(
                     f"schedules[{key!r}] makes {name!r} trainable at tick {tick}, but none of "
@@ -586,6 +606,21 @@ class FreezeController:
                     "only its BatchNorm and dropout are to be pinned"
                 )
             self._trainable[name] = weakref.ref(module)
+
+    def _replaced_flags(self) -> dict[int, bool]:
+        """``id`` -> flag to restore, for parameters that replaced one this controller holds.
+
+        A parameter assigned into a frozen slot (``load_state_dict(assign=True)`` while
+        frozen) inherits ``requires_grad=False``; releasing the hold gives it the replaced
+        parameter's flag, so it is not "frozen outside freezesched".
+        """
+        out: dict[int, bool] = {}
+        for _, hold in self._holds.values():
+            for owner, attr, original in hold.plan.slots:
+                now = owner._parameters.get(attr)
+                if now is not None and now is not original:
+                    out[id(now)] = out.get(id(now), False) or restored_requires_grad(original)
+        return out
 
     def _drop_fast(self, module: nn.Module) -> None:
         if self.policy.fast is not None:  # issue 17: its frozen phase ended

@@ -1103,6 +1103,8 @@ class Hold:
                     seen.add(id(param))
                     freed.append(param)
             holders.discard(key)
+            if not holders:  # (also one never registered: acquiring stopped half-way)
+                record.ref = _NOREF
 
     def _watch_all(self) -> None:
         key, plan = self.key, self.plan
@@ -1245,12 +1247,22 @@ class Hold:
                 return
             for owner, attr, original in plan.slots:
                 now = _get(owner._parameters, attr)
-                if now is None or now is original or now.requires_grad:
+                if now is None or now is original:
+                    continue
+                before = _PARAMS.get(id(original))
+                flag = (
+                    before.requires_grad
+                    if before is not None and before.ref() is original and before.holders
+                    else original.requires_grad
+                )
+                if not flag:
                     continue
                 held = _PARAMS.get(id(now))
-                if held is not None and held.ref() is now:
-                    continue  # frozen by another hold, which restores it
-                if original.requires_grad:
+                if held is not None and held.ref() is now and held.holders:
+                    # Frozen by another hold too, which took its inherited False for the
+                    # flag to restore: give that hold the replaced parameter's flag.
+                    held.requires_grad = True
+                elif not now.requires_grad:
                     now.requires_grad = True
 
         steps: list[Callable[[], object]] = [params, slots]
@@ -1266,8 +1278,10 @@ class Hold:
             raise RuntimeError(
                 "buffers of TorchScript modules changed while they were frozen: "
                 f"{'; '.join(problems)}. TorchScript runs submodules without Python hooks, "
-                "so freezesched puts them in eval mode for the whole region; a .train() call "
-                "on the scripted model inside the region switched them back. Call .train() "
-                "before entering the region, or freeze before scripting"
+                "so freezesched puts them in eval mode for the whole region and checks their "
+                "buffers at its end. Either a .train() call on the scripted model inside the "
+                "region switched them back (call .train() before entering the region, or "
+                "freeze before scripting), or a load_state_dict wrote them (expected if you "
+                "loaded them: load before freezing or after)"
             )
         return freed
