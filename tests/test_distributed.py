@@ -140,3 +140,22 @@ def test_the_guard_refuses_a_call_while_a_part_ddp_never_synchronizes_trains(gro
     # The backbone trains again, but DDP never averages its gradients.
     with pytest.raises(ValueError, match="they require grad now"), freeze(model.neck):
         _step(ddp, 0)
+
+
+def test_a_part_frozen_by_hand_before_wrapping_may_sit_inside_a_toggling_schedule(group):
+    # mmdet's frozen_stages (and peft) set requires_grad=False before DDP is built:
+    # freezesched never re-enables them, so DDP leaving them out cannot diverge.
+    model = make_net()
+    stem = next(iter(model.backbone.children()))
+    stem.requires_grad_(False)
+    ddp = DDP(model, find_unused_parameters=True)
+    ctrl = FreezeController(ddp, {"backbone": UnfreezeAt(1)})
+    before = [p.detach().clone() for p in stem.parameters()]
+    for tick in range(3):
+        ctrl.apply(tick)  # frozen at 0, trainable from 1 on: the stem stays frozen
+        _step(ddp, tick)
+        assert not any(p.requires_grad for p in stem.parameters())
+        assert all(p.grad is None for p in stem.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(stem.parameters(), before, strict=True))
+    ctrl.release()
+    assert not any(p.requires_grad for p in stem.parameters())

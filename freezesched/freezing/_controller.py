@@ -251,6 +251,7 @@ class FreezeController:
                 (name, plan.params, self._constant(name))
                 for name, plan in zip(modules, plans, strict=True)
             ],
+            restored_requires_grad,
         )
         self._groups = self._ramp_groups(plans) if self.policy.unfreeze_lr else {}
         self._ramp = LRRampHooks(self.optimizers) if self.policy.unfreeze_lr else None
@@ -539,6 +540,7 @@ class FreezeController:
             for name, (module, hold) in self._holds.items()
             if module is modules[name] and not wanted[name]
             for p in hold.sole_params()
+            if restored_requires_grad(p)  # (what was frozen outside stays frozen)
         ]
         if leaving:  # a wrapper that never synchronizes them would let the ranks diverge
             check_unfreeze(leaving, f"unfreezing at tick {tick}")

@@ -281,6 +281,7 @@ def _unmanaged_message(wrapper: nn.Module, count: int, where: str, when: str) ->
 def check_wrapper(
     model: nn.Module,
     targets: Sequence[tuple[str, Sequence[torch.Tensor], bool | None]],
+    can_train: Callable[[torch.Tensor], bool] | None = None,
 ) -> None:
     """Before training starts: refuse schedules ``model``'s wrapper cannot follow.
 
@@ -288,6 +289,10 @@ def check_wrapper(
         model: What the controller was given (a DDP, a DeepSpeed engine, or a plain model,
             which is left alone).
         targets: ``(name, parameters it freezes, constant_decision of its schedule)``.
+        can_train: Whether unfreezing would make a parameter require grad (default: it
+            does now). A parameter frozen outside freezesched (mmdet's ``frozen_stages``,
+            peft) stays frozen whatever the schedule says, so DDP not synchronizing it is
+            no divergence.
 
     Raises:
         ValueError: a managed parameter may freeze while the wrapper expects its gradient
@@ -304,7 +309,13 @@ def check_wrapper(
     )
     for name, params, constant in targets:
         synced = [p for p in params if id(p) in managed]
-        unsynced = [p for p in params if id(p) not in managed and id(p) not in ignored]
+        unsynced = [
+            p
+            for p in params
+            if id(p) not in managed
+            and id(p) not in ignored
+            and (can_train(p) if can_train is not None else p.requires_grad)
+        ]
         if synced and strict and constant is not False:
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 check_ddp_settings(
