@@ -160,14 +160,16 @@ class PlanCache:
             found = self._plans.get(key)
         if found is None or found[0] is not policy:
             return None
-        plans = [c.revive() for c in found[1]]
-        fresh = all(p is not None and p.module is m for p, m in zip(plans, modules, strict=True))
+        plans = [p for p in (c.revive() for c in found[1]) if p is not None]
+        fresh = len(plans) == len(modules) and all(
+            p.module is m for p, m in zip(plans, modules, strict=True)
+        )
         with self._lock:
             if self._plans.get(key) is found:
                 del self._plans[key]
                 if fresh:
                     self._plans[key] = found  # most recently used last
-        return plans if fresh else None  # type: ignore[return-value]
+        return plans if fresh else None
 
     def put(self, modules: tuple[nn.Module, ...], policy: FreezePolicy, plans: list[Plan]) -> None:
         cached = [plan.cached() for plan in plans]
