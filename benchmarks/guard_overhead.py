@@ -12,8 +12,16 @@ pass``, in microseconds, for
 * ``first``: a frozen tick of a new guard, which plans the tree (what every frozen step
   cost before plans were cached);
 
-measured interleaved in blocks (the three variants alternate, so machine noise hits them
-alike). ``step ms`` is one forward + backward of the whole model at batch 2, 128x128, with
+measured interleaved in blocks (the variants alternate, so machine noise hits them
+alike); and two parts no exact frozen tick can skip, timed alone in the same blocks:
+
+* ``tree check``: the guard's check that the cached plan still fits the tree (every
+  module alive with its type, and the keys and values of its parameter, buffer and
+  submodule dictionaries: what a plan depends on, read in C-level passes);
+* ``flips``: setting ``requires_grad=False`` and ``.grad = None`` on every frozen
+  parameter and restoring the flag, in a plain loop (what freezing means).
+
+``step ms`` is one forward + backward of the whole model at batch 2, 128x128, with
 the backbone frozen, for scale: ``frozen / step`` is the guard's share of a step.
 """
 
@@ -31,6 +39,7 @@ from _models import ResNet18Detector, ResNet50FPN
 from torch import nn
 
 from freezesched import FrozenStageGuard, Step
+from freezesched.freezing._mechanism import _Signature  # the guard's own tree check
 from freezesched.profiling import render_table
 
 
@@ -41,9 +50,29 @@ def one_call(guard: FrozenStageGuard, backbone: nn.Module, tick: int) -> float:
     return time.perf_counter() - start
 
 
+def timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def flips(params: list[nn.Parameter]) -> None:
+    for p in params:
+        p.requires_grad = False
+        p.grad = None
+    for p in params:
+        p.requires_grad = True
+
+
 def measure(model: nn.Module, backbone: nn.Module, calls: int, block: int = 50) -> dict:
     guard = FrozenStageGuard(Step(2))  # trainable on even ticks, frozen on odd ones
-    times: dict[str, list[float]] = {"frozen": [], "trainable": [], "first": []}
+    times: dict[str, list[float]] = {
+        "frozen": [], "trainable": [], "first": [], "check": [], "flips": []
+    }  # fmt: skip
+    signature = _Signature.of(list(backbone.modules()))
+    assert signature is not None
+    assert signature.alive() is not None
+    params = list(backbone.parameters())
     for _ in range(20):  # warm-up: the plan is cached, code paths are hot
         one_call(guard, backbone, 1)
     for _ in range(max(1, calls // block)):
@@ -52,6 +81,8 @@ def measure(model: nn.Module, backbone: nn.Module, calls: int, block: int = 50) 
         times["first"] += [
             one_call(FrozenStageGuard(Step(2)), backbone, 1) for _ in range(max(1, block // 10))
         ]
+        times["check"] += [timed(signature.alive) for _ in range(block)]
+        times["flips"] += [timed(lambda: flips(params)) for _ in range(block)]
     x = torch.randn(2, 3, 128, 128)
     steps = []
     for i in range(6):
@@ -72,6 +103,7 @@ def measure(model: nn.Module, backbone: nn.Module, calls: int, block: int = 50) 
         "step_ms": round(1e3 * step, 1),
         "frozen_share_of_step": round(median["frozen"] / step, 5),
         "first_over_frozen": round(median["first"] / median["frozen"], 1),
+        "floor_us": round(1e6 * (median["check"] + median["flips"]), 1),
     }
 
 
@@ -91,6 +123,7 @@ def main() -> None:
         ("backbone", "backbone"), ("params", "params"), ("batchnorms", "BN layers"),
         ("frozen_us", "frozen µs"), ("trainable_us", "trainable µs"),
         ("first_us", "first (planning) µs"), ("first_over_frozen", "first / frozen"),
+        ("check_us", "tree check µs"), ("flips_us", "flips µs"), ("floor_us", "check+flips µs"),
         ("step_ms", "step ms"), ("frozen_share_of_step", "frozen / step"),
     ]  # fmt: skip
     when = datetime.date.today().isoformat()
