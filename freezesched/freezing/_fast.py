@@ -10,12 +10,16 @@ with a :class:`FeatureCache`, the outputs of a frozen prefix are served per samp
 The guarantees (each tested, see ``docs/fast.md``):
 
 * **Never stale.** Before every call the twin is checked against the module: the identity,
-  ``_version`` and storage of each parameter and buffer, the submodule tree, the modes,
-  and the hooks. Any change torch records (an optimizer step, ``load_state_dict``,
-  ``.to()``, assigning a parameter, ``.data = ...``) rebuilds the twin before it is used;
-  the first output of every new twin is compared with the plain frozen forward and the
-  plain output is returned, and every ``verify_every`` calls the comparison is repeated
-  (it also catches writes torch does not record, such as ``p.data.copy_(...)``).
+  ``_version`` and storage of each parameter, buffer and tensor held in a plain attribute,
+  the submodule tree (modules held in plain attributes included), the modes, and the
+  hooks. Any change torch records (an optimizer step, ``load_state_dict``, ``.to()``,
+  assigning a parameter, ``.data = ...``) rebuilds the twin before it is used. When a hold
+  is attached, a few sampled elements of every tensor and the scalar attributes of every
+  submodule are compared too (writes torch does not record: fused optimizers,
+  collectives). Each twin serves one rank and dtype per input. The first output of every
+  new twin is compared with the plain frozen forward and the plain output is returned, and
+  every ``verify_every`` calls the comparison is repeated (it also catches writes torch
+  does not record inside a region, such as ``p.data.copy_(...)``).
 * **Exact where it cannot be fast.** Whenever the twin cannot give the plain frozen
   forward's result and gradients, the plain forward runs and the reason is counted in the
   report (and warned once): trainable tensors reaching the module
@@ -36,6 +40,7 @@ The guarantees (each tested, see ``docs/fast.md``):
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import threading
 import warnings
@@ -303,11 +308,39 @@ class _TwinSlot:
 
 @dataclass(eq=False)
 class _Fingerprint:
+    """What a twin was built from, checked by :func:`_compare` and :func:`_unchanged`.
+
+    :func:`_compare` runs on every call, :func:`_unchanged` when a hold is attached.
+
+    Attributes:
+        modules: The module and every module it reaches, registered or held in a plain
+            attribute (directly or inside a list, tuple or dict).
+        shape: ``len`` of each module's ``_parameters``, ``_buffers`` and ``_modules``.
+        edges: ``(parent, name, child)`` of each registered submodule.
+        tensors: ``(holder, name, tensor, _version, data_ptr)`` of each parameter, buffer and
+            tensor held in a plain attribute; ``tensor`` is ``None`` for a ``None`` slot.
+        refs: ``(container, key, value)``: a plain attribute (or container element) that
+            holds tensors or modules, checked by identity.
+        sizes: ``(container, len)`` of the lists and dicts among them.
+        device: The device of the first floating parameter or buffer.
+        attributes: ``(__dict__, len, getter, values)`` of each module: the scalar
+            attributes (and an instance ``forward``) its forward may read.
+        samples: Per device, ``(views, values)``: a few elements of every tensor, as byte
+            views of the tensors' memory (which also keep each storage alive, so that a
+            replaced storage cannot come back at the same address), and their values.
+    """
+
     modules: list[nn.Module]
     shape: list[tuple[int, int, int]]
     edges: list[tuple[nn.Module, str, nn.Module]]
-    tensors: list[tuple[dict[str, Any], str, torch.Tensor, int, int]]
+    tensors: list[tuple[dict[Any, Any], Any, torch.Tensor | None, int, int]]
     device: torch.device | None
+    refs: list[tuple[Any, Any, object]] = field(default_factory=list)
+    sizes: list[tuple[Any, int]] = field(default_factory=list)
+    attributes: list[tuple[dict[str, Any], int, Callable[[Any], Any] | None, Any]] = field(
+        default_factory=list
+    )
+    samples: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -479,6 +512,13 @@ def attach(module: nn.Module, spec: FastFrozen, eval_ids: set[int], hold: int) -
             entry = _Entry(ref=weakref.ref(module, _forget(id(module))), spec=spec)
             _ENTRIES[id(module)] = entry
         entry.spec = spec  # twins and caches of other settings are kept
+        if entry.fingerprint is not None and hold not in entry.holders:
+            # Once per region: what the per-call check cannot see (writes torch does not
+            # record, Python attributes) rebuilds the twins now.
+            with entry.lock:
+                fp = entry.fingerprint
+                if fp is not None and (_compare(fp) == "changed" or not _unchanged(fp)):
+                    _invalidate(entry, module)
         entry.holders.add(hold)
         entry.eval_ids |= eval_ids
         if entry.override is None or entry.getstate is None:
@@ -586,11 +626,74 @@ def fast_report(module: nn.Module) -> FastReport | None:
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+#: Attributes every module has (torch's own), not scanned for plain state.
+_MODULE_ATTRS = frozenset(nn.Module().__dict__) | {"forward", "__getstate__", "_freezesched_mode"}
+#: Elements sampled per tensor by the check when a hold is attached.
+_SAMPLE = 4
+#: How deep lists, tuples and dicts in plain attributes are searched for tensors and modules.
+_DEPTH = 3
+
+
+def _scalar(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_scalar(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _holds_state(value: object, depth: int) -> bool:
+    """Whether ``value`` is or (within ``depth`` containers) holds a tensor or module."""
+    if isinstance(value, torch.Tensor | nn.Module):
+        return True
+    if depth and isinstance(value, list | tuple):
+        return any(_holds_state(v, depth - 1) for v in value)
+    if depth and isinstance(value, dict):
+        return any(_holds_state(v, depth - 1) for v in value.values())
+    return False
+
+
+def _sample_view(t: torch.Tensor) -> torch.Tensor | None:
+    """Bytes of up to ``_SAMPLE`` elements spread over ``t``'s memory (``None``: none).
+
+    The view's shape is ``(elements, element size)``; it aliases ``t``'s storage.
+    """
+    try:
+        d = t.detach()
+        if d.numel() == 0 or d.layout != torch.strided:
+            return None
+        span = 1 + sum((n - 1) * s for n, s in zip(d.shape, d.stride(), strict=True))
+        k = min(_SAMPLE, span)
+        step = (span - 1) // (k - 1) if k > 1 else 1
+        view = torch.as_strided(d, (k, 1), (step, 1), d.storage_offset())
+        return view.view(torch.uint8)
+    except Exception:  # a tensor subclass or layout without plain memory: not sampled
+        return None
+
+
 def _fingerprint(module: nn.Module) -> _Fingerprint:
     modules: list[nn.Module] = []
     seen: set[int] = set()
     edges: list[tuple[nn.Module, str, nn.Module]] = []
+    refs: list[tuple[Any, Any, object]] = []
+    sizes: list[tuple[Any, int]] = []
+    plain: list[tuple[dict[Any, Any], Any, torch.Tensor]] = []
     stack = [module]
+
+    def scan(container: Any, key: Any, value: object, depth: int) -> None:
+        # State held outside _parameters/_buffers/_modules (the twin copied it too).
+        if isinstance(value, nn.Module):
+            refs.append((container, key, value))
+            stack.append(value)
+        elif isinstance(value, torch.Tensor):
+            refs.append((container, key, value))
+            plain.append(({key: value}, key, value))  # identity: checked by refs
+        elif isinstance(value, list | tuple | dict) and depth and _holds_state(value, depth):
+            refs.append((container, key, value))
+            if not isinstance(value, tuple):
+                sizes.append((value, len(value)))
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+            for k, v in items:
+                scan(value, k, v, depth - 1)
+
     while stack:
         sub = stack.pop()
         if id(sub) in seen:
@@ -601,17 +704,58 @@ def _fingerprint(module: nn.Module) -> _Fingerprint:
             if child is not None:
                 edges.append((sub, name, child))
                 stack.append(child)
-    tensors = []
+        for name, value in sub.__dict__.items():
+            if name not in _MODULE_ATTRS:
+                scan(sub.__dict__, name, value, _DEPTH)
+    tensors: list[tuple[dict[Any, Any], Any, torch.Tensor | None, int, int]] = []
     device = None
     for sub in modules:
         for slots in (sub._parameters, sub._buffers):
             for name, t in slots.items():
-                if t is not None:
-                    tensors.append((slots, name, t, t._version, t.data_ptr()))
-                    if device is None and t.is_floating_point():
-                        device = t.device
+                if t is None:  # a None slot: assigning a tensor there changes the module
+                    tensors.append((slots, name, None, 0, 0))
+                    continue
+                tensors.append((slots, name, t, t._version, t.data_ptr()))
+                if device is None and t.is_floating_point():
+                    device = t.device
+    tensors += [(holder, key, t, t._version, t.data_ptr()) for holder, key, t in plain]
     shape = [(len(m._parameters), len(m._buffers), len(m._modules)) for m in modules]
-    return _Fingerprint(modules, shape, edges, tensors, device)
+    groups: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+    for _, _, t, _, _ in tensors:
+        view = None if t is None else _sample_view(t)
+        if view is not None:  # (k, element size) bytes: one torch.cat per group
+            groups.setdefault((view.device, view.shape[1]), []).append(view)
+    samples = [(views, torch.cat(views)) for views in groups.values()]
+    return _Fingerprint(
+        modules,
+        shape,
+        edges,
+        tensors,
+        device,
+        refs=refs,
+        sizes=sizes,
+        attributes=[_attributes(m, m is module) for m in modules],
+        samples=samples,
+    )
+
+
+def _attributes(
+    module: nn.Module, root: bool
+) -> tuple[dict[str, Any], int, Callable[[Any], Any] | None, Any]:
+    """The scalar attributes of ``module`` (and an instance ``forward``), for :func:`_unchanged`."""
+    d = module.__dict__
+    names = [k for k, v in d.items() if k not in _MODULE_ATTRS and _scalar(v)]
+    if not root and "forward" in d:
+        names.append("forward")
+    getter = operator.itemgetter(*names) if names else None
+    return d, _own_len(d, root), getter, getter(d) if getter else None
+
+
+def _own_len(d: dict[str, Any], root: bool) -> int:
+    """``len(d)`` without fast mode's own attributes (on the held module only)."""
+    if not root:
+        return len(d)
+    return len(d) - sum(is_ours(d.get(a)) for a in ("forward", "__getstate__"))
 
 
 def _compare(fp: _Fingerprint) -> str:
@@ -626,17 +770,46 @@ def _compare(fp: _Fingerprint) -> str:
     for parent, name, child in fp.edges:
         if parent._modules.get(name) is not child:
             return "changed"
+    for container, key, value in fp.refs:
+        if isinstance(container, dict):
+            if container.get(key) is not value:
+                return "changed"
+        elif key >= len(container) or container[key] is not value:
+            return "changed"
+    for container, n in fp.sizes:
+        if len(container) != n:
+            return "changed"
     verdict = ""
     for slots, name, t, version, ptr in fp.tensors:
         now = slots.get(name)
-        if now is t and t._version == version and t.data_ptr() == ptr:
-            if t.requires_grad:
+        if now is t and (t is None or (t._version == version and t.data_ptr() == ptr)):
+            if t is not None and t.requires_grad:
                 return "grad"
             continue
         if now is not None and now.requires_grad:
             return "grad"
         verdict = "changed"
     return verdict
+
+
+def _unchanged(fp: _Fingerprint) -> bool:
+    """Whether the sampled values and the scalar attributes are as fingerprinted.
+
+    Run when a hold is attached (once per region): catches writes torch does not record
+    (fused optimizers, collectives, ``.data`` writes) that change a sampled element, and
+    Python attributes the forward may read.
+    """
+    root = fp.modules[0].__dict__
+    for d, n, getter, values in fp.attributes:
+        if _own_len(d, d is root) != n:  # an attribute added or deleted
+            return False
+        if getter is not None:
+            try:
+                if getter(d) != values:
+                    return False
+            except KeyError:
+                return False
+    return all(torch.equal(torch.cat(views), values) for views, values in fp.samples)
 
 
 def _hooked(fp: _Fingerprint) -> str:
@@ -756,10 +929,16 @@ def _variant(spec: FastFrozen, grad_in: bool) -> str:
     return "grad" if grad_in and (spec.dtype is not None or spec.compile) else "main"
 
 
-def _key(entry: _Entry, fp: _Fingerprint, device: torch.device, variant: str) -> Hashable:
+def _key(entry: _Entry, fp: _Fingerprint, args: tuple[torch.Tensor, ...], variant: str) -> Hashable:
+    """The twin for a call: settings, variant, each input's rank and dtype, modes, autocast.
+
+    A twin is traced, folded and checked for one kind of input (a ``Linear`` +
+    ``BatchNorm1d`` fold holds for 2-D input only; the output dtype is the first call's).
+    """
     spec = entry.spec
     settings = (spec.fold_bn, spec.channels_last, spec.dtype, spec.compile)
-    return (settings, variant, *_signature(fp, entry.eval_ids, device))
+    kinds = tuple((a.dim(), a.dtype) for a in args)
+    return (settings, variant, kinds, *_signature(fp, entry.eval_ids, args[0].device))
 
 
 def _twin_for(
@@ -783,7 +962,7 @@ def _twin_for(
             f"middle stage), so its {what} twin is not used there; the float32 folded twin "
             "passes the input gradient back",
         )
-    key = _key(entry, fp, args[0].device, variant)
+    key = _key(entry, fp, args, variant)
     return key, entry.twins.get(key)
 
 
@@ -911,7 +1090,7 @@ def _build(
     """Build, check and keep the twin for this call; return the plain output."""
     spec = entry.spec
     variant = _variant(spec, grad_in)
-    key = _key(entry, fp, args[0].device, variant)
+    key = _key(entry, fp, args, variant)
     name = type(module).__name__
     training = [
         type(m).__name__
