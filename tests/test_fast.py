@@ -652,9 +652,10 @@ def test_feature_cache_catches_augmentation_with_its_verification():
     data = torch.randn(4, 3, 8, 8)
     keys = [0, 1, 2, 3]
     policy = cache_policy(verify_fraction=1.0)
-    with freeze(net, policy=policy), sample_keys(keys):
-        net(data)
-        with pytest.raises(FeatureCacheMismatchError, match="random augmentation"):
+    with freeze(net, policy=policy):
+        with sample_keys(keys):
+            net(data)
+        with sample_keys(keys), pytest.raises(FeatureCacheMismatchError, match="augmentation"):
             net(torch.flip(data, dims=[3]))  # a "random flip" of the same samples
     drop_fast(net)
 
@@ -708,6 +709,75 @@ def test_feature_cache_refuses_a_frozen_middle_stage_and_wrong_key_counts():
     with pytest.raises(TypeError, match=r"keys\[0\] must be hashable"), sample_keys([[1]]):
         pass
     drop_fast(model.backbone)
+
+
+class MixesSamples(nn.Module):
+    """A forward that mixes the samples of its batch, with no layer that says so."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0)
+
+
+@pytest.mark.parametrize("norm", ["track_running_stats=False", "added in training mode"])
+def test_feature_cache_refuses_a_module_whose_outputs_depend_on_the_batch(norm):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+    if norm == "track_running_stats=False":
+        net.insert(1, nn.BatchNorm2d(4, track_running_stats=False))
+    data = torch.randn(4, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=cache_policy(verify_fraction=0.0)):
+            if norm == "added in training mode":
+                net.append(nn.BatchNorm1d(64, affine=False))  # unpinned: batch statistics
+            refused = r"BatchNorm.d '[13]'.*batch's statistics"
+            with sample_keys(range(4)), pytest.raises(ValueError, match=refused):
+                net(data)
+            out = net(data)  # outside sample_keys: plain fast mode, exact for the batch
+            with sample_keys(range(2)), pytest.raises(ValueError, match="cannot serve"):
+                net(data[:2])  # still refused: nothing was cached
+            reference = type(net).forward(net, data)
+    assert within(out, reference, FastFrozen().tolerance(torch.float32))
+    report = fast_report(net)
+    assert report is not None and (report.cache_hits, report.cache_misses) == (0, 0)
+    drop_fast(net)
+
+
+def test_feature_cache_verification_names_a_forward_that_mixes_samples():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), MixesSamples())
+    data = torch.randn(4, 3, 4, 4)
+    with freeze(net, policy=cache_policy(verify_fraction=1.0)):
+        with sample_keys(range(4)):
+            net(data)
+        with sample_keys([0, 1]), pytest.raises(FeatureCacheMismatchError, match="mixes samples"):
+            net(data[:2])  # the same inputs per key; only the batch around them changed
+    drop_fast(net)
+
+
+def test_one_sample_keys_block_refuses_a_second_input_to_a_cached_module():
+    net = small_cnn()
+    other = small_cnn(seed=1)
+    view1, view2 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with freeze(net, policy=cache_policy(verify_fraction=0.0)):
+        with freeze(other, policy=cache_policy(verify_fraction=0.0)), sample_keys([0, 1]):
+            first = net(view1)
+            assert torch.equal(net(view1), first)  # the same input: served from the cache
+            assert torch.equal(net(view1.clone()), first)  # an equal one, too
+            other(view2)  # another module has its own input
+            with pytest.raises(ValueError, match=r"twice in one sample_keys block.*other values"):
+                net(view2)  # a second view under the same keys
+        report = fast_report(net)
+        assert report is not None and (report.cache_misses, report.cache_hits) == (2, 4)
+        with sample_keys([0, 1]):
+            z2 = net(view2)  # the features of view1 were dropped: computed afresh
+            view2.add_(1.0)
+            with pytest.raises(ValueError, match="changed in place"):
+                net(view2)
+        reference = type(net).forward(net, view2 - 1.0)
+    assert within(z2, reference, FastFrozen().tolerance(torch.float32))
+    drop_fast(net)
+    drop_fast(other)
 
 
 # --- torchvision and timm models (where installed) --------------------------------------------

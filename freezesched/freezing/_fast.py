@@ -52,6 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from freezesched._validation import check_int, describe
@@ -60,6 +61,7 @@ from freezesched.freezing._features import (
     FeatureCacheMismatchError,
     FeatureStore,
     current_keys,
+    other_input,
     split,
 )
 from freezesched.freezing._twin import Twin, build_twin
@@ -1235,6 +1237,35 @@ def _verified(
 # --- the feature cache ----------------------------------------------------------------------
 
 
+def _batch_dependence(module: nn.Module, fp: _Fingerprint, eval_ids: set[int]) -> str:
+    """Why a sample's output of ``module`` may depend on the rest of its batch.
+
+    ``""`` if no such submodule is found (a forward that mixes samples itself, such as
+    ``x - x.mean(0)``, is not detected: the verification may catch it).
+    """
+    for sub in fp.modules:
+        training = sub.training and id(sub) not in eval_ids
+        if isinstance(sub, _BatchNorm) and training:
+            why = (
+                "runs in training mode (added inside the region?): it normalises with the "
+                "batch's statistics and updates its running statistics from them"
+            )
+        elif isinstance(sub, _BatchNorm) and (
+            not sub.track_running_stats or sub.running_mean is None or sub.running_var is None
+        ):
+            why = "has track_running_stats=False: it normalises with the batch's statistics"
+        elif training and any(True for _ in sub.buffers(False)):
+            why = (
+                "has buffers and runs in training mode (added inside the region?): its "
+                "forward may update them from the batch, which a cache hit would skip"
+            )
+        else:
+            continue
+        path = next((n for n, m in module.named_modules() if m is sub), "?")
+        return f"its {type(sub).__name__} {path or '(module)'!r} {why}"
+    return ""
+
+
 def _cached(
     entry: _Entry,
     module: nn.Module,
@@ -1269,6 +1300,28 @@ def _cached(
     if store is None:
         store = entry.stores[spec] = FeatureStore(cache, f"{id(entry):x}-{len(entry.stores)}")
     signature = _signature(fp, entry.eval_ids, x.device)
+    mixed = store.batch_dependence.get(signature)
+    if mixed is None:
+        mixed = store.batch_dependence[signature] = _batch_dependence(module, fp, entry.eval_ids)
+    if mixed:
+        raise ValueError(
+            f"the feature cache cannot serve {name}: {mixed}. The cache keeps one output per "
+            "sample and computes the samples it misses as a smaller batch, so each sample's "
+            "output must depend on that sample only. Turn the cache off for this module "
+            "(FastFrozen(cache=None)) or leave sample_keys out for it"
+        )
+    other = other_input(id(entry), x)
+    if other:
+        for each in entry.stores.values():  # the keys do not name one input: trust none
+            each.clear()
+        raise ValueError(
+            f"{name} was called twice in one sample_keys block with different inputs (the "
+            f"second is {other}): the keys name one input per sample, so the cache cannot "
+            "serve both (two views, a query and a key encoder). Give each call its own "
+            "sample_keys block with keys that name its input, such as "
+            f"sample_keys([(i, 'view2') for i in idx]). {name}'s cached features were "
+            "dropped"
+        )
     full = [(signature, k) for k in keys]
     hit = [k in store for k in full]
     check = store.verify_mask(len(keys))
@@ -1315,8 +1368,10 @@ def _cached(
                         f"atol={tolerance[1]:g}). The cache relies on your promise that the "
                         "input for a key never changes: random augmentation before the frozen "
                         "module (crops, flips, color jitter, mixup) breaks it, and so does "
-                        "reusing keys for different samples. Turn augmentation off for cached "
-                        "runs, or do not use the cache"
+                        "reusing keys for different samples. So does a frozen module whose "
+                        "output for a sample depends on the rest of its batch (a forward that "
+                        "mixes samples): misses and checks run on sub-batches. Turn "
+                        "augmentation off for cached runs, or do not use the cache"
                     )
             else:
                 rows[i] = cached

@@ -48,9 +48,12 @@ class FeatureCache:
 
     **The promise.** The frozen module's input for a key must be the same every time it
     is seen: no random augmentation (crops, flips, color jitter, mixup) before the frozen
-    module. A random ``verify_fraction`` of the hits is recomputed and compared with the
-    cached value; a difference beyond the fast mode's tolerance raises
-    :class:`FeatureCacheMismatchError`.
+    module. And each sample's output must depend on that sample only: the module runs on
+    the sub-batch of samples the cache misses, and hits are served into any batch
+    (BatchNorm with batch statistics is refused with ``ValueError``; a forward that mixes
+    samples itself is not detected). A random ``verify_fraction`` of the hits is
+    recomputed and compared with the cached value; a difference beyond the fast mode's
+    tolerance raises :class:`FeatureCacheMismatchError`.
 
     Args:
         max_bytes: Memory budget for cached outputs, in bytes. Once it is used up, new
@@ -102,13 +105,29 @@ class FeatureCache:
 _KEYS = threading.local()
 
 
+class _Block:
+    """One :func:`sample_keys` block: its keys and the input each cached module got in it."""
+
+    __slots__ = ("inputs", "keys")
+
+    def __init__(self, keys: tuple[Hashable, ...]) -> None:
+        self.keys = keys
+        #: ``id`` of a module's fast-mode state -> its first input in the block and the
+        #: input's ``_version`` then (kept alive until the block ends).
+        self.inputs: dict[int, tuple[torch.Tensor, int]] = {}
+
+
 @contextlib.contextmanager
 def sample_keys(keys: Sequence[Hashable] | torch.Tensor) -> Iterator[tuple[Hashable, ...]]:
     """Name the samples of the batch run inside the block, for the feature cache.
 
     One key per sample, in batch order (a dataset index, a file name): the same key
     must always mean the same input to the frozen module. Keys apply to the current
-    thread; blocks nest (the innermost wins).
+    thread; blocks nest (the innermost wins). Within one block, a cached module must be
+    given one input: calling it again with a different input (a second view of the
+    batch) raises ``ValueError``, since the keys cannot name both; give each view its
+    own block and keys. The block keeps a reference to each cached module's input until
+    it ends.
 
     Args:
         keys: A sequence of hashable keys, or a 1-D integer tensor of them.
@@ -141,19 +160,52 @@ def sample_keys(keys: Sequence[Hashable] | torch.Tensor) -> Iterator[tuple[Hasha
                 raise TypeError(f"keys[{i}] must be hashable, got {describe(key)}") from None
     if not found:
         raise ValueError("keys must name at least one sample, got an empty sequence")
-    stack: list[tuple[Hashable, ...]] = getattr(_KEYS, "stack", None) or []
+    stack: list[_Block] = getattr(_KEYS, "stack", None) or []
     _KEYS.stack = stack
-    stack.append(found)
+    block = _Block(found)
+    stack.append(block)
     try:
         yield found
     finally:
         stack.pop()
+        block.inputs.clear()
 
 
 def current_keys() -> tuple[Hashable, ...] | None:
     """The keys of the innermost :func:`sample_keys` block in this thread, if any."""
     stack = getattr(_KEYS, "stack", None)
-    return stack[-1] if stack else None
+    return stack[-1].keys if stack else None
+
+
+def other_input(owner: int, x: torch.Tensor) -> str:
+    """Whether ``x`` differs from the input ``owner`` got earlier in the innermost block.
+
+    The first input of each ``owner`` in a block is recorded; a later one is the same if it
+    is the same tensor, unchanged (``_version``), or a tensor equal to it.
+
+    Returns:
+        ``""`` if ``x`` is the first or the same input, else how it differs.
+    """
+    stack: list[_Block] | None = getattr(_KEYS, "stack", None)
+    if not stack:
+        return ""
+    inputs = stack[-1].inputs
+    first = inputs.get(owner)
+    if first is None:
+        inputs[owner] = (x, x._version)
+        return ""
+    seen, version = first
+    if x is seen and x._version == version:
+        return ""
+    if seen._version != version:
+        return "its first input was changed in place since"
+    if x is seen:
+        return "the same tensor, changed in place since"
+    if x.shape != seen.shape or x.dtype != seen.dtype or x.device != seen.device:
+        return "a tensor of another shape, dtype or device"
+    if not torch.equal(x, seen):
+        return "a tensor with other values"
+    return ""
 
 
 # --- the store ---------------------------------------------------------------------------
@@ -171,6 +223,10 @@ class FeatureStore:
         self.bytes = 0
         self.disk_bytes = 0
         self.not_stored = 0
+        #: Per module-mode signature: why the module's outputs may depend on the rest of
+        #: the batch (``""``: nothing found). Emptied with the cache (the weights, buffers
+        #: or submodules changed).
+        self.batch_dependence: dict[Hashable, str] = {}
         self.rng = torch.Generator().manual_seed(spec.seed)
 
     def __contains__(self, key: Hashable) -> bool:
@@ -215,6 +271,7 @@ class FeatureStore:
         self.disk.clear()
         self.bytes = self.disk_bytes = 0
         self.treespec = None
+        self.batch_dependence.clear()
 
 
 def split(output: Any, batch: int) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
