@@ -1037,6 +1037,8 @@ def _difference(
     ok = True
     for x, y in zip(a, b, strict=True):
         if not isinstance(y, torch.Tensor):
+            if not isinstance(y, _CONSTANTS) or not isinstance(x, _CONSTANTS):
+                return f"an output of type {type(y).__name__} cannot be compared"
             if x != y:
                 return f"a non-tensor output differs ({x!r} vs {y!r})"
             continue
@@ -1058,6 +1060,66 @@ def _difference(
         worst_rel = max(worst_rel, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
         ok = ok and d <= atol + rtol * scale
     return worst_abs, worst_rel, ok
+
+
+#: Non-tensor output leaves the check compares with ``==``.
+_CONSTANTS = (
+    type(None), bool, int, float, complex, str, bytes,
+    torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format,
+)  # fmt: skip
+
+
+def _uncomparable(output: Any) -> str:
+    """Why the check cannot compare ``output`` with a twin's (``""``: it can)."""
+    for leaf in pytree.tree_leaves(output):
+        if not isinstance(leaf, (torch.Tensor, *_CONSTANTS)):
+            return (
+                f"its output type {type(leaf).__name__} is not a tensor/tuple/list/dict, so "
+                "the twin's output cannot be checked against it (register the type with "
+                "torch.utils._pytree, such as register_dataclass, or return a tuple or dict)"
+            )
+    return ""
+
+
+_Attributes = list[tuple[str, nn.Module, dict[str, tuple[Any, int]]]]
+
+
+def _attributes(module: nn.Module) -> _Attributes:
+    """Each submodule's instance attributes (and the sizes of its lists, dicts and sets)."""
+    return [
+        (name, m, {k: (v, len(v) if isinstance(v, list | dict | set) else -1)
+                   for k, v in m.__dict__.items()})
+        for name, m in module.named_modules()
+    ]  # fmt: skip
+
+
+def _written(before: _Attributes) -> str:
+    """Why the forward that ran since ``before`` cannot run as a twin (``""``: it can).
+
+    A twin is a copy: attributes the forward sets (``self.features = x``, a counter, a list
+    it appends to) would be set on the copy, and the module's would go stale.
+    """
+    for name, m, attributes in before:
+        now = m.__dict__
+        changed = [k for k in now if k not in attributes]
+        for k, (v, size) in attributes.items():
+            if now.get(k, attributes) is not v or (size >= 0 and len(v) != size):
+                changed.append(k)
+        for k in changed:
+            where = f"{name}.{k}" if name else k
+            return (
+                f"its forward sets the attribute {where!r} of a {type(m).__name__}, which a "
+                "twin (a copy) cannot set on the module"
+            )
+    return ""
+
+
+def _copies_inputs(spec: FastFrozen, variant: str, args: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the twin may run on converted copies of the inputs (see ``_inputs``)."""
+    low = spec.dtype is not None and variant == "main"
+    return any(
+        (spec.channels_last and a.dim() == 4) or (low and a.is_floating_point()) for a in args
+    )
 
 
 def _effective_tolerance(
@@ -1104,7 +1166,24 @@ def _build(
         # its buffers, which a copy cannot do for it.
         reason = f"a {training[0]} with buffers runs in training mode (added inside the region?)"
         return _plain(entry, reason, plain)
+    # The twin is checked on the inputs as they were given: a forward that writes its input
+    # in place has written the caller's tensors once, as a plain call does, when plain()
+    # returns.
+    saved = tuple(a.detach().clone() for a in args)
+    versions = [a._version for a in args]
+    attributes = _attributes(module)
     reference = plain()  # the exact output, returned by this call
+    refusal = _written(attributes) or _uncomparable(reference)
+    written = [i for i, a in enumerate(args) if a._version != versions[i]]
+    if not refusal and written and _copies_inputs(spec, variant, args):
+        refusal = (
+            "its forward writes its input in place, and the twin would write a converted "
+            "copy of it (channels_last or dtype), leaving the caller's tensor unwritten"
+        )
+    if refusal:
+        entry.disabled[key] = refusal
+        _warn(entry, refusal, f"fast frozen mode runs {name} plainly: {refusal}")
+        return reference
     strip = [
         v
         for m in module.modules()
@@ -1119,7 +1198,7 @@ def _build(
             module,
             eval_ids=entry.eval_ids,
             strip=strip,
-            example=tuple(a.detach() for a in args),
+            example=saved,
             fold_bn=spec.fold_bn,
             channels_last=spec.channels_last,
             dtype=spec.torch_dtype if variant == "main" else None,
@@ -1143,7 +1222,7 @@ def _build(
     )
     buffers = [(b, b._version) for b in twin.module.buffers()]
     try:
-        output = _run(slot, args, spec, False)
+        output = _run(slot, saved, spec, False)
     except Exception as error:
         if not twin.compiled:
             why = f"its fast twin failed ({type(error).__name__}: {error})"
@@ -1158,11 +1237,16 @@ def _build(
             f"{error}); it runs the twin uncompiled",
         )
         twin.run, twin.compiled = twin.module, False
-        output = _run(slot, args, spec, False)
+        output = _run(slot, saved, spec, False)
     diff = _difference(output, reference, tolerance)
     entry.last, entry.tolerance = twin, tolerance
     if any(b._version != v for b, v in buffers):
         diff = "its forward changes buffers, so it is not a fixed function"
+    for i in written:  # the twin must write the input as the forward did
+        if not isinstance(diff, str) and diff[2]:
+            wrote = _difference(saved[i], args[i], tolerance)
+            if isinstance(wrote, str) or not wrote[2]:
+                diff = "its forward writes its input in place, and the twin writes it otherwise"
     if isinstance(diff, str) or not diff[2]:
         why = f"its fast twin does not match the plain forward ({_shown(diff, tolerance)})"
         entry.disabled[key] = why
@@ -1209,9 +1293,13 @@ def _note_build(entry: _Entry, name: str) -> None:
 def _verified(
     entry: _Entry, slot: _TwinSlot, args: tuple[torch.Tensor, ...], plain: Callable[[], Any]
 ) -> Any:
-    """A periodic check: the plain output, after comparing the twin's with it."""
+    """A periodic check: the plain output, after comparing the twin's with it.
+
+    The twin runs on copies of the inputs taken before the plain call, which may write them.
+    """
+    saved = tuple(a.detach().clone() for a in args)
     reference = plain()
-    output = _run(slot, args, entry.spec, False)
+    output = _run(slot, saved, entry.spec, False)
     tolerance = slot.tolerance
     diff = _difference(output, reference, tolerance)
     module = entry.ref()

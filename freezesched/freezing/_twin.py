@@ -5,14 +5,16 @@ Built from a frozen module by :mod:`freezesched.freezing._fast`, never registere
 1. a deep copy (parameters and buffers copied, so the originals stay bitwise untouched),
    each submodule in the mode the frozen forward runs it in (pinned norm and dropout
    layers in eval, every other module as the original is now);
-2. traced with :mod:`torch.fx`; a submodule whose forward cannot be traced (Python
-   control flow on tensor values, say) is kept as one opaque call and reported;
+2. traced with :mod:`torch.fx` (one trace at a time, process-wide); a submodule whose
+   forward cannot be traced (Python control flow on tensor values, say) or enters
+   ``torch.autocast`` (which fx does not record) is kept as one opaque call and reported;
 3. every ``Conv -> BatchNorm`` and ``Linear -> BatchNorm1d`` pair of the traced graph
    whose intermediate result is used nowhere else is replaced by one layer with folded
    weights, computed by torch's own :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`,
    :func:`~torch.nn.utils.fusion.fuse_linear_bn_eval` and
    :func:`~torch.nn.utils.fusion.fuse_conv_bn_weights` (torchvision's
-   ``FrozenBatchNorm2d``); every other norm layer is left as it is, with the reason;
+   ``FrozenBatchNorm2d``); every other norm layer (one after a grouped ConvTranspose,
+   or whose folding fails) is left as it is, with the reason;
 4. optionally converted to channels-last and to a lower precision, and compiled by
    inductor with its weights frozen into constants.
 """
@@ -20,7 +22,9 @@ Built from a frozen module by :mod:`freezesched.freezing._fast`, never registere
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +40,11 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: How many untraceable submodules a trace may set aside before giving up on tracing.
 _MAX_TRACE_ATTEMPTS = 64
+#: torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it traces,
+#: and two overlapping traces restore each other's patches in the wrong order (leaving
+#: ``nn.Module.__call__`` patched for good): twins are traced one at a time.
+_TRACE_LOCK = threading.Lock()
+_AUTOCAST = torch.amp.autocast_mode.autocast
 
 
 @dataclass
@@ -128,11 +137,52 @@ class _Tracer(fx.Tracer):
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
+    if isinstance(error, _AutocastInForward):
+        return text[0]
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+class _AutocastInForward(RuntimeError):
+    """A forward entered ``torch.autocast`` while traced: fx would drop the region."""
+
+
+@contextmanager
+def _refusing_autocast() -> Iterator[None]:
+    """Make ``torch.autocast`` regions entered by this thread fail while it traces.
+
+    ``torch.fx`` does not record them, so the traced graph would run the region in the
+    caller's precision. The forward that enters one (the innermost submodule) is kept as
+    one opaque call instead, which runs the region as written. Other threads entering
+    autocast meanwhile are not affected.
+    """
+    original = _AUTOCAST.__dict__["__enter__"]
+    tracing = threading.get_ident()
+
+    def enter(self: Any) -> Any:
+        if threading.get_ident() == tracing:
+            raise _AutocastInForward(
+                "its forward enters torch.autocast, which torch.fx does not record"
+            )
+        return original(self)
+
+    _AUTOCAST.__enter__ = enter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _AUTOCAST.__enter__ = original  # type: ignore[method-assign]
+
+
 def _trace(root: nn.Module) -> tuple[fx.GraphModule | None, list[tuple[str, str]], str]:
-    """``(graph module or None, opaque submodules with reasons, why the root failed)``."""
+    """``(graph module or None, opaque submodules with reasons, why the root failed)``.
+
+    Traces run one at a time (``_TRACE_LOCK``); a submodule whose forward enters
+    ``torch.autocast`` is kept opaque.
+    """
+    with _TRACE_LOCK, _refusing_autocast():
+        return _trace_locked(root)
+
+
+def _trace_locked(root: nn.Module) -> tuple[fx.GraphModule | None, list[tuple[str, str]], str]:
     opaque: dict[str, str] = {}
     for _ in range(_MAX_TRACE_ATTEMPTS):
         tracer = _Tracer(set(opaque))
@@ -172,6 +222,8 @@ def _fold_reason(
     kind = type(layer)
     if kind not in (*_CONV, *_CONV_T, nn.Linear):
         return f"its input comes from a {kind.__name__}, not a Conv/ConvTranspose/Linear", None
+    if isinstance(layer, _CONV_T) and layer.groups > 1:
+        return _GROUPED_T, None
     if _value_users(source) > 1:
         return f"the output of {source.target!r} is also used elsewhere", None
     if calls.get(str(source.target), 0) > 1:
@@ -188,6 +240,10 @@ def _fold_reason(
         return f"a {type(norm).__name__} is not folded", None
     return "", layer
 
+
+#: torch's fusion scales a transposed weight over its dimension 1, which holds
+#: ``out_channels / groups`` channels: a grouped one would get a wrong-shaped weight.
+_GROUPED_T = "it follows a grouped ConvTranspose (groups > 1)"
 
 _METADATA_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
 _METADATA_METHODS = frozenset({"dim", "size", "ndimension"})
@@ -250,6 +306,23 @@ def _fused(layer: nn.Module, norm: nn.Module) -> nn.Module:
     )
 
 
+def _checked(fused: nn.Module, layer: nn.Module) -> nn.Module:
+    """``fused``, after checking that its weight and bias have the shapes folding must give.
+
+    Raises:
+        ValueError: they do not (a layer torch's fusion does not support).
+    """
+    weight, bias = _tensor(layer, "weight"), _optional(fused, "bias")
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if _tensor(fused, "weight").shape != weight.shape or bias is None or bias.shape != (channels,):
+        raise ValueError(
+            f"the folded weight has shape {tuple(_tensor(fused, 'weight').shape)} and bias "
+            f"{None if bias is None else tuple(bias.shape)}, the layer's weight "
+            f"{tuple(weight.shape)} and {channels} channels"
+        )
+    return fused
+
+
 def _fold(
     gm: fx.GraphModule, example: tuple[torch.Tensor, ...]
 ) -> tuple[list[str], list[tuple[str, str]]]:
@@ -292,22 +365,29 @@ def _fold(
             continue
         source = node.args[0]
         assert isinstance(source, fx.Node)
+        training = layer.training
+        try:
+            fused = _checked(_fused(layer, modules[str(node.target)]), layer)
+        except Exception as error:  # this pair stays as it is; the others still fold
+            layer.training = training
+            not_folded.append((str(node.target), f"folding it failed ({_first_line(error)})"))
+            continue
         name = f"_fast_fused_{i}"
-        gm.add_submodule(name, _fused(layer, modules[str(node.target)]))
+        gm.add_submodule(name, fused)
         folded.append(f"{source.target} + {node.target}")
         source.target = name
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
     for i, node in enumerate(functional_norms):
-        label, reason, fused = _fold_functional(gm, node, modules, calls, shapes)
-        if fused is None:
+        label, reason, layer_f = _fold_functional(gm, node, modules, calls, shapes)
+        if layer_f is None:
             if label:
                 not_folded.append((label, reason))
             continue
         source = node.args[0]
         assert isinstance(source, fx.Node)
         name = f"_fast_fused_f{i}"
-        gm.add_submodule(name, fused)
+        gm.add_submodule(name, layer_f)
         folded.append(f"{source.target} + {label}")
         source.target = name
         node.replace_all_uses_with(source)
@@ -355,6 +435,8 @@ def _fold_functional(
     layer = modules[str(source.target)]
     if type(layer) not in (*_CONV, *_CONV_T):
         return label, f"its input comes from a {type(layer).__name__}, not a Conv", None
+    if isinstance(layer, _CONV_T) and layer.groups > 1:
+        return label, _GROUPED_T, None
     if _value_users(source) > 1 or calls.get(str(source.target), 0) > 1:
         return label, f"the output of {source.target!r} is also used elsewhere", None
     mean, var = constants["running_mean"], constants["running_var"]
@@ -363,16 +445,20 @@ def _fold_functional(
     if mean.numel() != layer.out_channels:
         return label, f"{source.target!r} has {layer.out_channels} channels", None
     fused = copy.deepcopy(layer)
-    fused.weight, fused.bias = fuse_conv_bn_weights(
-        _tensor(fused, "weight"),
-        _optional(fused, "bias"),
-        mean,
-        var,
-        eps,
-        constants["weight"],
-        constants["bias"],
-        transpose=isinstance(layer, _CONV_T),
-    )
+    try:
+        fused.weight, fused.bias = fuse_conv_bn_weights(
+            _tensor(fused, "weight"),
+            _optional(fused, "bias"),
+            mean,
+            var,
+            eps,
+            constants["weight"],
+            constants["bias"],
+            transpose=isinstance(layer, _CONV_T),
+        )
+        _checked(fused, layer)
+    except Exception as error:  # this call stays as it is; the others still fold
+        return label or str(node.name), f"folding it failed ({_first_line(error)})", None
     return label or str(node.name), "", fused
 
 
@@ -394,8 +480,8 @@ def _shapes(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[fx.No
                 shapes[n] = out.shape
             return out
 
-    with torch.no_grad():
-        _Recorder(gm).run(*example)
+    with torch.no_grad():  # on copies: a forward may write its input in place
+        _Recorder(gm).run(*(e.clone() for e in example))
     return shapes
 
 
@@ -440,6 +526,32 @@ def build_twin(
         dtype: Cast floating parameters and buffers to this dtype (``None``: keep).
         compile: Compile with inductor, weights frozen into constants.
     """
+    # Built outside inference mode: a twin holding inference tensors could not be used
+    # later with autograd (a frozen middle stage passing the input gradient back).
+    with torch.inference_mode(False):
+        return _build_twin(
+            module,
+            eval_ids=eval_ids,
+            strip=strip,
+            example=example,
+            fold_bn=fold_bn,
+            channels_last=channels_last,
+            dtype=dtype,
+            compile=compile,
+        )
+
+
+def _build_twin(
+    module: nn.Module,
+    *,
+    eval_ids: set[int],
+    strip: Iterable[object],
+    example: tuple[torch.Tensor, ...],
+    fold_bn: bool,
+    channels_last: bool,
+    dtype: torch.dtype | None,
+    compile: bool,
+) -> Twin:
     twin = copy_module(module, strip)
     twin.requires_grad_(False)
     originals = dict(module.named_modules(remove_duplicate=False))
