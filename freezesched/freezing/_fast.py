@@ -1084,7 +1084,7 @@ def _uncomparable(output: Any) -> str:
 _Attributes = list[tuple[str, nn.Module, dict[str, tuple[Any, int]]]]
 
 
-def _attributes(module: nn.Module) -> _Attributes:
+def _instance_state(module: nn.Module) -> _Attributes:
     """Each submodule's instance attributes (and the sizes of its lists, dicts and sets)."""
     return [
         (name, m, {k: (v, len(v) if isinstance(v, list | dict | set) else -1)
@@ -1171,7 +1171,7 @@ def _build(
     # returns.
     saved = tuple(a.detach().clone() for a in args)
     versions = [a._version for a in args]
-    attributes = _attributes(module)
+    attributes = _instance_state(module)
     reference = plain()  # the exact output, returned by this call
     refusal = _written(attributes) or _uncomparable(reference)
     written = [i for i, a in enumerate(args) if a._version != versions[i]]
