@@ -359,3 +359,60 @@ def test_two_twin_traces_never_overlap():
     finally:
         nn.Module.__call__, nn.Module.__getattr__ = call, getattr_  # type: ignore[method-assign]
         torch.fx._symbolic_trace._is_fx_tracing_flag = False
+
+
+# --- grad-mode switches inside a forward (torch.fx drops them too) ------------------------------
+
+
+class CutsASkip(nn.Module):
+    """A frozen middle stage whose skip branch is computed without autograd."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.block = conv_bn(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "no_grad":
+            with torch.no_grad():
+                skip = x * 2.0
+        elif self.how == "set_grad_enabled":
+            with torch.set_grad_enabled(False):
+                skip = x * 2.0
+        else:  # the function form switches the mode at once
+            previous = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+            skip = x * 2.0
+            torch.set_grad_enabled(previous)
+        return self.block(x) + skip
+
+
+@pytest.mark.parametrize("how", ["no_grad", "set_grad_enabled", "set_grad_enabled_call"])
+def test_a_grad_mode_switch_in_a_frozen_middle_stage_keeps_the_input_gradient_exact(how: str):
+    torch.manual_seed(0)
+    stem, middle = nn.Conv2d(3, 4, 1), CutsASkip(how)
+    x = torch.randn(2, 3, 8, 8)
+
+    def input_gradient(policy: FreezePolicy | None) -> torch.Tensor:
+        stem.zero_grad(set_to_none=True)
+        region = freeze(middle, policy=policy) if policy else freeze(middle)
+        with region:
+            for _ in range(3):  # build and check, then served by the twin
+                stem.zero_grad(set_to_none=True)
+                middle(stem(x)).square().sum().backward()
+        assert stem.weight.grad is not None
+        return stem.weight.grad.clone()
+
+    plain = input_gradient(None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = input_gradient(FAST)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert any("torch.fx does not record" in m for m in messages(caught))
+    report = fast_report(middle)
+    assert report is not None and report.fast_calls >= 1
+    assert any("does not record" in reason for _, reason in report.untraced)
+    for cls, attr in [(torch.autograd.grad_mode.no_grad, "__enter__"),
+                      (torch.autograd.grad_mode.set_grad_enabled, "__init__")]:  # fmt: skip
+        assert getattr(cls.__dict__[attr], "__wrapped__", None) is None  # restored
+    drop_fast(middle)

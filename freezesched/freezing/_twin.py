@@ -22,6 +22,7 @@ Built from a frozen module by :mod:`freezesched.freezing._fast`, never registere
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -44,7 +45,16 @@ _MAX_TRACE_ATTEMPTS = 64
 #: and two overlapping traces restore each other's patches in the wrong order (leaving
 #: ``nn.Module.__call__`` patched for good): twins are traced one at a time.
 _TRACE_LOCK = threading.Lock()
-_AUTOCAST = torch.amp.autocast_mode.autocast
+#: Context managers whose effect torch.fx does not record (it traces through their
+#: ``with`` blocks and keeps only the ops): ``(class, method that switches the mode, name)``.
+#: ``set_grad_enabled`` switches in ``__init__``, so that its function form is seen too.
+_UNRECORDED: tuple[tuple[type, str, str], ...] = (
+    (torch.amp.autocast_mode.autocast, "__enter__", "torch.autocast"),
+    (torch.autograd.grad_mode.no_grad, "__enter__", "torch.no_grad"),
+    (torch.autograd.grad_mode.enable_grad, "__enter__", "torch.enable_grad"),
+    (torch.autograd.grad_mode.set_grad_enabled, "__init__", "torch.set_grad_enabled"),
+    (torch.autograd.grad_mode.inference_mode, "__enter__", "torch.inference_mode"),
+)
 
 
 @dataclass
@@ -137,48 +147,55 @@ class _Tracer(fx.Tracer):
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    if isinstance(error, _AutocastInForward):
+    if isinstance(error, _UnrecordedInForward):
         return text[0]
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-class _AutocastInForward(RuntimeError):
-    """A forward entered ``torch.autocast`` while traced: fx would drop the region."""
+class _UnrecordedInForward(RuntimeError):
+    """A forward entered a mode torch.fx does not record (autocast, a grad mode)."""
 
 
 @contextmanager
-def _refusing_autocast() -> Iterator[None]:
-    """Make ``torch.autocast`` regions entered by this thread fail while it traces.
+def _refusing_unrecorded_modes() -> Iterator[None]:
+    """Make autocast and grad-mode switches made by this thread fail while it traces.
 
-    ``torch.fx`` does not record them, so the traced graph would run the region in the
-    caller's precision. The forward that enters one (the innermost submodule) is kept as
-    one opaque call instead, which runs the region as written. Other threads entering
-    autocast meanwhile are not affected.
+    ``torch.fx`` does not record them, so the traced graph would run such a region in the
+    caller's precision, or pass gradients through a ``torch.no_grad()`` block of a frozen
+    middle stage that the plain forward cuts. The forward that switches one (the
+    innermost submodule) is kept as one opaque call instead, which runs it as written.
+    Other threads switching modes meanwhile are not affected.
     """
-    original = _AUTOCAST.__dict__["__enter__"]
     tracing = threading.get_ident()
+    originals = [(c, a, c.__dict__[a], n) for c, a, n in _UNRECORDED if a in c.__dict__]
 
-    def enter(self: Any) -> Any:
-        if threading.get_ident() == tracing:
-            raise _AutocastInForward(
-                "its forward enters torch.autocast, which torch.fx does not record"
-            )
-        return original(self)
+    def refusing(original: Callable[..., Any], name: str) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def switch(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == tracing:
+                raise _UnrecordedInForward(
+                    f"its forward enters {name}, which torch.fx does not record"
+                )
+            return original(self, *args, **kwargs)
 
-    _AUTOCAST.__enter__ = enter  # type: ignore[method-assign]
+        return switch
+
     try:
+        for cls, attr, original, name in originals:
+            setattr(cls, attr, refusing(original, name))
         yield
     finally:
-        _AUTOCAST.__enter__ = original  # type: ignore[method-assign]
+        for cls, attr, original, _ in originals:
+            setattr(cls, attr, original)
 
 
 def _trace(root: nn.Module) -> tuple[fx.GraphModule | None, list[tuple[str, str]], str]:
     """``(graph module or None, opaque submodules with reasons, why the root failed)``.
 
     Traces run one at a time (``_TRACE_LOCK``); a submodule whose forward enters
-    ``torch.autocast`` is kept opaque.
+    ``torch.autocast`` or switches the grad mode is kept opaque.
     """
-    with _TRACE_LOCK, _refusing_autocast():
+    with _TRACE_LOCK, _refusing_unrecorded_modes():
         return _trace_locked(root)
 
 
