@@ -290,3 +290,21 @@ def test_a_python_attribute_changed_between_regions_rebuilds_the_twin(change):
     report = fast_report(net)
     assert report is not None and report.builds == 2
     drop_fast(net)
+
+
+@pytest.mark.parametrize("change", [_eps, _stride, _forward])
+def test_a_python_attribute_changed_inside_a_region_rebuilds_the_twin_before_the_next_call(
+    change,
+):
+    net = conv_net()
+    with torch.no_grad():
+        net[1].running_var.fill_(1e-3)  # eps matters
+    x = torch.randn(2, 3, 8, 8)
+    with freeze(net, policy=FAST):
+        net(x), net(x)  # built, checked, then served by the twin
+        change(net)
+        fast = net(x)
+        report = fast_report(net)
+    assert close(fast, plain_of(net, x))  # (a changed stride changes the shape too)
+    assert report is not None and report.builds == 2
+    drop_fast(net)

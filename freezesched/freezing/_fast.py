@@ -13,13 +13,14 @@ The guarantees (each tested, see ``docs/fast.md``):
   ``_version`` and storage of each parameter, buffer and tensor held in a plain attribute,
   the submodule tree (modules held in plain attributes included), the modes, and the
   hooks. Any change torch records (an optimizer step, ``load_state_dict``, ``.to()``,
-  assigning a parameter, ``.data = ...``) rebuilds the twin before it is used. When a hold
-  is attached, a few sampled elements of every tensor and the scalar attributes of every
-  submodule are compared too (writes torch does not record: fused optimizers,
-  collectives). Each twin serves one rank and dtype per input. The first output of every
-  new twin is compared with the plain frozen forward and the plain output is returned, and
-  every ``verify_every`` calls the comparison is repeated (it also catches writes torch
-  does not record inside a region, such as ``p.data.copy_(...)``).
+  assigning a parameter, ``.data = ...``) rebuilds the twin before it is used, and so does
+  a changed scalar attribute of a submodule (``eps``, ``stride``). When a hold is
+  attached, a few sampled elements of every tensor are compared too (writes torch does
+  not record: fused optimizers, collectives). Each twin serves one rank and dtype per
+  input. The first output of every new twin is compared with the plain frozen forward
+  and the plain output is returned, and every ``verify_every`` calls the comparison is
+  repeated (it also catches writes torch does not record inside a region, such as
+  ``p.data.copy_(...)``).
 * **Exact where it cannot be fast.** Whenever the twin cannot give the plain frozen
   forward's result and gradients, the plain forward runs and the reason is counted in the
   report (and warned once): trainable tensors reaching the module
@@ -312,7 +313,8 @@ class _TwinSlot:
 class _Fingerprint:
     """What a twin was built from, checked by :func:`_compare` and :func:`_unchanged`.
 
-    :func:`_compare` runs on every call, :func:`_unchanged` when a hold is attached.
+    :func:`_compare` and :func:`_attributes_unchanged` run on every call,
+    :func:`_unchanged` when a hold is attached.
 
     Attributes:
         modules: The module and every module it reaches, registered or held in a plain
@@ -801,6 +803,18 @@ def _unchanged(fp: _Fingerprint) -> bool:
     (fused optimizers, collectives, ``.data`` writes) that change a sampled element, and
     Python attributes the forward may read.
     """
+    if not _attributes_unchanged(fp):
+        return False
+    return all(torch.equal(torch.cat(views), values) for views, values in fp.samples)
+
+
+def _attributes_unchanged(fp: _Fingerprint) -> bool:
+    """Whether every module's scalar attributes (and instance ``forward``) are as they were.
+
+    Run on every call (a few C-level lookups per module): a stride, padding or ``eps``
+    changed inside a region rebuilds the twin before it serves a wrong (or wrongly shaped)
+    output.
+    """
     root = fp.modules[0].__dict__
     for d, n, getter, values in fp.attributes:
         if _own_len(d, d is root) != n:  # an attribute added or deleted
@@ -811,7 +825,7 @@ def _unchanged(fp: _Fingerprint) -> bool:
                     return False
             except KeyError:
                 return False
-    return all(torch.equal(torch.cat(views), values) for views, values in fp.samples)
+    return True
 
 
 def _hooked(fp: _Fingerprint) -> str:
@@ -886,6 +900,8 @@ def _call(
     with entry.lock:
         fp = entry.fingerprint
         verdict = "changed" if fp is None else _compare(fp)
+        if verdict == "" and fp is not None and not _attributes_unchanged(fp):
+            verdict = "changed"
         if verdict == "grad":
             return _plain(entry, "tensors that require grad reach it (functional_call?)", plain)
         if verdict == "changed":
