@@ -49,6 +49,7 @@ if [ "$which" = newest ]; then
   "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_peft.py tests/test_timm.py tests/test_side_network.py \
     tests/test_integration_peft.py tests/test_example_peft.py tests/test_fast.py \
+    tests/test_fast_stale.py tests/test_fast_building.py \
     tests/test_first_hour.py::test_the_readme_quickstart_runs_on_a_resnet_50 \
     freezesched/integrations/peft.py freezesched/integrations/timm.py
 fi
