@@ -28,6 +28,7 @@ from freezesched import (
     Layerwise,
     Step,
     WarmupThenFreeze,
+    freeze,
     is_frozen,
 )
 
@@ -287,6 +288,72 @@ def test_dropout_policy(policy, deterministic):
     with FrozenStageGuard(Constant(True), dropout=policy, bn="train")(model.backbone, 0):
         a, b = model.backbone(x), model.backbone(x)
     assert torch.equal(a, b) is deterministic
+
+
+class FunctionalDropoutAttention(nn.Module):
+    """timm / Hugging Face style: attention dropout drawn functionally, gated by the
+    module's own ``training`` flag (its ``nn.Dropout`` child is never called)."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        if by == "child":
+            self.attn_drop = nn.Dropout(0.5)
+        else:
+            self.dropout_prob = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        p = self.attn_drop.p if hasattr(self, "attn_drop") else self.dropout_prob
+        return nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=p if self.training else 0.0
+        )
+
+
+def _attention(kind: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    if kind == "encoder-layer":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        return layer, layer
+    if kind == "multihead":
+        mha = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+        return mha, lambda x: mha(x, x, x)[0]
+    if kind == "scripted-encoder-layer":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        scripted = torch.jit.script(layer)
+        return scripted, scripted
+    module = FunctionalDropoutAttention(kind)
+    return module, module
+
+
+@pytest.mark.parametrize(
+    "kind", ["encoder-layer", "multihead", "scripted-encoder-layer", "child", "float"]
+)
+@pytest.mark.parametrize(("policy", "deterministic"), [("eval", True), ("train", False)])
+def test_dropout_drawn_functionally_by_attention_follows_the_dropout_policy(
+    kind, policy, deterministic
+):
+    torch.manual_seed(0)
+    module, run = _attention(kind)
+    module.train()
+    flags = [m.training for m in module.modules()]
+    x = torch.randn(2, 5, 8)
+    with freeze(module, dropout=policy):
+        a, b = run(x), run(x)
+    assert torch.equal(a, b) is deterministic
+    if deterministic:
+        with torch.no_grad():
+            torch.testing.assert_close(a, run_in_eval(module, run, x))
+    assert [m.training for m in module.modules()] == flags  # nothing left changed
+
+
+def run_in_eval(
+    module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    module.eval()
+    try:
+        return run(x)
+    finally:
+        module.train()
 
 
 # --- trainable exceptions -------------------------------------------------------------------

@@ -124,6 +124,27 @@ def _is_dropout(module: nn.Module) -> bool:
     )
 
 
+def _draws_dropout(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward may draw dropout noise gated by its ``training``.
+
+    Attention modules apply dropout functionally, for example
+    ``F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training
+    else 0.0)`` (timm, Hugging Face) or ``F.multi_head_attention_forward(...,
+    training=self.training)`` (``nn.MultiheadAttention``): putting only their dropout
+    children in eval mode leaves that noise on. Recognised: ``nn.MultiheadAttention``, a
+    module with a dropout layer as a direct child, and a module with a positive ``float``
+    attribute whose name mentions ``drop`` (``dropout``, ``dropout_prob``, ``attn_drop``).
+    """
+    if isinstance(module, nn.MultiheadAttention) or _script_name(module) == "MultiheadAttention":
+        return True
+    if any(child is not None and _is_dropout(child) for _, child in module._modules.items()):
+        return True
+    return any(
+        type(value) is float and value > 0 and "drop" in name.lower()
+        for name, value in vars(module).items()
+    )
+
+
 def _quant_kind(module: nn.Module) -> int:
     """``OBSERVER`` for a fake-quantize module, ``RESTORE`` for an observer, else 0."""
     fake = sys.modules.get("torch.ao.quantization.fake_quantize")
@@ -479,6 +500,8 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
                 kinds = quant | CHECK if quant == OBSERVER else quant
             elif _has_buffers(sub):
                 kinds = EVAL | CHECK
+            elif policy.dropout == "eval" and _draws_dropout(sub):
+                kinds = EVAL  # functional dropout (attention) follows its own flag
         if _is_scripted(sub):
             if parent is None or not _is_scripted(parent):
                 watch.append((sub, ENTRY, name))

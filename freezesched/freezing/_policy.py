@@ -96,9 +96,12 @@ class FreezePolicy:
             bitwise unchanged whatever ``model.train()`` or a framework does meanwhile;
             ``"train"`` leaves their mode alone, so the statistics keep updating.
         dropout: ``"eval"`` (default) does the same for dropout-like layers
-            (``nn.Dropout*``, torchvision's ``StochasticDepth``, timm's ``DropPath``): a
-            frozen module is a deterministic feature extractor. ``"train"`` leaves them
-            alone (frozen features with dropout noise).
+            (``nn.Dropout*``, torchvision's ``StochasticDepth``, timm's ``DropPath``) and
+            for modules that draw dropout functionally, gated by their own ``training``
+            flag (``nn.MultiheadAttention``; timm and Hugging Face attention, recognised
+            by a dropout child or a positive float attribute named ``*drop*``): a frozen
+            module is a deterministic feature extractor. ``"train"`` leaves them alone
+            (frozen features with dropout noise).
         trainable: Exceptions that stay trainable inside a frozen module: glob patterns
             (:func:`fnmatch.fnmatchcase`, ``*`` also matches dots) on qualified names
             relative to the frozen module, and module types. A pattern matching a
