@@ -274,7 +274,11 @@ def _forward(net: nn.Module) -> None:
     net[2].forward = types.MethodType(lambda self, x: x.tanh(), net[2])
 
 
-@pytest.mark.parametrize("change", [_eps, _stride, _forward])
+def _class(net: nn.Module) -> None:
+    net[2].__class__ = nn.Tanh  # swaps the implementation; no attribute changes
+
+
+@pytest.mark.parametrize("change", [_eps, _stride, _forward, _class])
 def test_a_python_attribute_changed_between_regions_rebuilds_the_twin(change):
     net = conv_net()
     with torch.no_grad():
@@ -292,7 +296,7 @@ def test_a_python_attribute_changed_between_regions_rebuilds_the_twin(change):
     drop_fast(net)
 
 
-@pytest.mark.parametrize("change", [_eps, _stride, _forward])
+@pytest.mark.parametrize("change", [_eps, _stride, _forward, _class])
 def test_a_python_attribute_changed_inside_a_region_rebuilds_the_twin_before_the_next_call(
     change,
 ):

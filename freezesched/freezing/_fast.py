@@ -11,16 +11,16 @@ The guarantees (each tested, see ``docs/fast.md``):
 
 * **Never stale.** Before every call the twin is checked against the module: the identity,
   ``_version`` and storage of each parameter, buffer and tensor held in a plain attribute,
-  the submodule tree (modules held in plain attributes included), the modes, and the
-  hooks. Any change torch records (an optimizer step, ``load_state_dict``, ``.to()``,
-  assigning a parameter, ``.data = ...``) rebuilds the twin before it is used, and so does
-  a changed scalar attribute of a submodule (``eps``, ``stride``). When a hold is
-  attached, a few sampled elements of every tensor are compared too (writes torch does
-  not record: fused optimizers, collectives). Each twin serves one rank and dtype per
-  input. The first output of every new twin is compared with the plain frozen forward
-  and the plain output is returned, and every ``verify_every`` calls the comparison is
-  repeated (it also catches writes torch does not record inside a region, such as
-  ``p.data.copy_(...)``).
+  the submodule tree (modules held in plain attributes included) and each submodule's class,
+  the modes, and the hooks. Any change torch records (an optimizer step,
+  ``load_state_dict``, ``.to()``, assigning a parameter, ``.data = ...``) rebuilds the twin
+  before it is used, and so does a changed scalar attribute of a submodule (``eps``,
+  ``stride``). When a hold is attached, a few sampled elements of every tensor are compared
+  too (writes torch does not record: fused optimizers, collectives). Each twin serves one
+  rank and dtype per input. The first output of every new twin is compared with the plain
+  frozen forward and the plain output is returned, and every ``verify_every`` calls the
+  comparison is repeated (it also catches writes torch does not record inside a region, such
+  as ``p.data.copy_(...)``).
 * **Exact where it cannot be fast.** Whenever the twin cannot give the plain frozen
   forward's result and gradients, the plain forward runs and the reason is counted in the
   report (and warned once): trainable tensors reaching the module
@@ -319,6 +319,8 @@ class _Fingerprint:
     Attributes:
         modules: The module and every module it reaches, registered or held in a plain
             attribute (directly or inside a list, tuple or dict).
+        types: ``type`` of each of ``modules`` (``m.__class__ = Other`` changes no
+            attribute).
         shape: ``len`` of each module's ``_parameters``, ``_buffers`` and ``_modules``.
         edges: ``(parent, name, child)`` of each registered submodule.
         tensors: ``(holder, name, tensor, _version, data_ptr)`` of each parameter, buffer and
@@ -345,6 +347,7 @@ class _Fingerprint:
         default_factory=list
     )
     samples: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    types: list[type] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -740,6 +743,7 @@ def _fingerprint(module: nn.Module) -> _Fingerprint:
         sizes=sizes,
         attributes=[_attributes(m, m is module) for m in modules],
         samples=samples,
+        types=list(map(type, modules)),
     )
 
 
@@ -768,6 +772,8 @@ def _compare(fp: _Fingerprint) -> str:
     ``""`` if nothing, ``"grad"`` if a tensor requiring grad was swapped in, else
     ``"changed"``.
     """
+    if list(map(type, fp.modules)) != fp.types:  # a class swapped in place
+        return "changed"
     for m, s in zip(fp.modules, fp.shape, strict=True):
         if (len(m._parameters), len(m._buffers), len(m._modules)) != s:
             return "changed"
