@@ -312,3 +312,32 @@ def test_a_python_attribute_changed_inside_a_region_rebuilds_the_twin_before_the
     assert close(fast, plain_of(net, x))  # (a changed stride changes the shape too)
     assert report is not None and report.builds == 2
     drop_fast(net)
+
+
+# --- complex outputs (second review) ------------------------------------------------------------
+
+
+class Spectral(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.re, self.im = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.complex(self.re(x), self.im(x))
+
+
+def test_the_check_compares_the_imaginary_part_of_a_complex_output():
+    from freezesched.freezing import FastMismatchError
+
+    torch.manual_seed(0)
+    net, x = Spectral(), torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=FreezePolicy(fast=FastFrozen(verify_every=2))):
+            net(x)  # builds; the complex twin matches
+            served = net(x)  # served by the twin
+            net.im.weight.data.mul_(-3.0)  # not recorded; changes the imaginary part only
+            with pytest.raises(FastMismatchError, match="periodic check of Spectral"):
+                net(x)  # the periodic check
+    assert served.is_complex() and fast_report(net).fast_calls == 1  # type: ignore[union-attr]
+    drop_fast(net)

@@ -1048,7 +1048,8 @@ def _difference(
     A string instead says why they cannot be compared.
 
     A tensor is within tolerance when ``max |fast - plain| <= atol + rtol * max |plain|``
-    over its finite entries, and its NaNs and infinities are where the plain ones are.
+    over its finite entries, and its NaNs and infinities are where the plain ones are. The
+    real and imaginary parts of a complex tensor count as separate entries.
     """
     rtol, atol = tolerance
     a, spec_a = pytree.tree_flatten(fast)
@@ -1068,7 +1069,7 @@ def _difference(
             return "an output has a different shape or dtype"
         if y.numel() == 0:
             continue
-        xf, yf = x.detach().double(), y.detach().double()
+        xf, yf = _real(x), _real(y)
         if not torch.equal(torch.isnan(xf), torch.isnan(yf)):
             return "NaNs in different places"
         finite = torch.isfinite(yf)
@@ -1082,6 +1083,14 @@ def _difference(
         worst_rel = max(worst_rel, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
         ok = ok and d <= atol + rtol * scale
     return worst_abs, worst_rel, ok
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64; a complex ``t`` as its real and imaginary parts (a last dim of 2)."""
+    t = t.detach()
+    if t.is_complex():
+        return torch.view_as_real(t.to(torch.complex128).resolve_conj().resolve_neg())
+    return t.double()
 
 
 #: Non-tensor output leaves the check compares with ``==``.
