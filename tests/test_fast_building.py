@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import types
 import warnings
 
 import pytest
@@ -66,6 +67,50 @@ def test_a_forward_that_sets_an_attribute_runs_plainly_and_the_attribute_stays_c
             assert net.stem_features is not None
             assert torch.equal(net.stem_features, want)  # each batch's own features
     assert any("stem_features" in m for m in messages(caught))
+    report = fast_report(net)
+    assert report is not None and report.fast_calls == 0
+    drop_fast(net)
+
+
+class WritesInside(nn.Module):
+    """A forward that writes inside what it holds: identity and length stay the same."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.body = conv_bn(3, 4)
+        self.feats: dict[str, torch.Tensor | None] = {"body": None}  # an existing key
+        self.slot: list[torch.Tensor | None] = [None]  # a preallocated slot
+        self.meter = types.SimpleNamespace(calls=0, last=None)  # a plain object
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if self.how == "dict":
+            self.feats["body"] = h
+        elif self.how == "list":
+            self.slot[0] = h
+        else:
+            self.meter.calls += 1
+        return h.relu()
+
+
+@pytest.mark.parametrize(
+    ("how", "attribute"), [("dict", "feats"), ("list", "slot"), ("object", "meter")]
+)
+def test_a_forward_writing_inside_a_held_dict_list_or_object_runs_plainly(how: str, attribute: str):
+    torch.manual_seed(0)
+    net = WritesInside(how)
+    with freeze(net, policy=FAST), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3):
+            out = net(torch.full((1, 3, 4, 4), float(i)))
+            if how == "dict":
+                assert torch.equal(net.feats["body"].relu(), out)  # type: ignore[union-attr]
+            elif how == "list":
+                assert torch.equal(net.slot[0].relu(), out)  # type: ignore[union-attr]
+    if how == "object":
+        assert net.meter.calls == 3
+    assert any(repr(attribute) in m and "plainly" in m for m in messages(caught))
     report = fast_report(net)
     assert report is not None and report.fast_calls == 0
     drop_fast(net)

@@ -44,6 +44,7 @@ import math
 import operator
 import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -1112,35 +1113,78 @@ def _uncomparable(output: Any) -> str:
     return ""
 
 
-_Attributes = list[tuple[str, nn.Module, dict[str, tuple[Any, int]]]]
+#: Each submodule's ``(name, module, {attribute: (value, contents)})``, and what was met
+#: (kept alive while compared).
+_Attributes = tuple[list[tuple[str, nn.Module, dict[str, tuple[Any, Hashable]]]], list[object]]
+#: How deep the build's snapshot looks into the lists, dicts, sets and plain objects held in
+#: attributes (``self.feats["conv"] = h``, ``self.slot[0] = h``, ``self.meter.calls += 1``).
+_WRITE_DEPTH = 3
+
+
+def _contents(value: object, depth: int, keep: list[object]) -> Hashable:
+    """The identities of what ``value`` holds, within ``depth`` levels, as a hashable value.
+
+    Items of lists, tuples, dicts and sets, and the ``__dict__`` of plain objects (not
+    modules, tensors, classes or Python modules), are followed; everything met is appended
+    to ``keep``, so that an identity cannot be reused by a new object while it is compared.
+    """
+    if depth <= 0:
+        return None
+    items: list[tuple[object, object]]
+    if isinstance(value, list | tuple):
+        items = list(enumerate(value))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, set | frozenset):
+        keep.append(list(value))
+        return ("set", len(value), frozenset(map(id, value)))
+    elif isinstance(value, nn.Module | torch.Tensor | type | types.ModuleType):
+        return None
+    else:
+        attrs = getattr(value, "__dict__", None)
+        if not isinstance(attrs, dict):
+            return None
+        items = list(attrs.items())
+    keep.append(items)
+    return tuple(
+        (id(k) if not isinstance(k, int | str) else k, id(v), _contents(v, depth - 1, keep))
+        for k, v in items
+    )
 
 
 def _instance_state(module: nn.Module) -> _Attributes:
-    """Each submodule's instance attributes (and the sizes of its lists, dicts and sets)."""
-    return [
-        (name, m, {k: (v, len(v) if isinstance(v, list | dict | set) else -1)
-                   for k, v in m.__dict__.items()})
+    """Each submodule's instance attributes, and what their containers and objects hold."""
+    keep: list[object] = []
+    state = [
+        (name, m, {k: (v, _contents(v, _WRITE_DEPTH, keep)) for k, v in m.__dict__.items()})
         for name, m in module.named_modules()
-    ]  # fmt: skip
+    ]
+    return state, keep
 
 
 def _written(before: _Attributes) -> str:
     """Why the forward that ran since ``before`` cannot run as a twin (``""``: it can).
 
     A twin is a copy: attributes the forward sets (``self.features = x``, a counter, a list
-    it appends to) would be set on the copy, and the module's would go stale.
+    it appends to, an item of a dict or list it holds, an attribute of an object it holds)
+    would be set on the copy, and the module's would go stale.
     """
-    for name, m, attributes in before:
+    for name, m, attributes in before[0]:
         now = m.__dict__
         changed = [k for k in now if k not in attributes]
-        for k, (v, size) in attributes.items():
-            if now.get(k, attributes) is not v or (size >= 0 and len(v) != size):
+        for k, (v, contents) in attributes.items():
+            if now.get(k, attributes) is not v or _contents(v, _WRITE_DEPTH, []) != contents:
                 changed.append(k)
         for k in changed:
             where = f"{name}.{k}" if name else k
+            inside = (
+                ""
+                if k not in attributes or now.get(k) is not attributes[k][0]
+                else (" (an item or attribute inside it)")
+            )
             return (
-                f"its forward sets the attribute {where!r} of a {type(m).__name__}, which a "
-                "twin (a copy) cannot set on the module"
+                f"its forward sets the attribute {where!r}{inside} of a {type(m).__name__}, "
+                "which a twin (a copy) cannot set on the module"
             )
     return ""
 
