@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -340,4 +341,53 @@ def test_the_check_compares_the_imaginary_part_of_a_complex_output():
             with pytest.raises(FastMismatchError, match="periodic check of Spectral"):
                 net(x)  # the periodic check
     assert served.is_complex() and fast_report(net).fast_calls == 1  # type: ignore[union-attr]
+    drop_fast(net)
+
+
+# --- scalar attributes that are NaN or become arrays (second review) ----------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale: Any = 1.0
+        self.limit = float("nan")  # an optional clamp, disabled with NaN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x) * self.scale
+        return y if self.limit != self.limit else y.clamp(max=self.limit)
+
+
+def test_a_nan_scalar_attribute_does_not_rebuild_the_twin_on_every_call():
+    torch.manual_seed(0)
+    net, x = Scaled(), torch.randn(3, 2)
+    with freeze(net, policy=FAST):
+        for _ in range(6):
+            net(x)
+        net.limit = float("nan")  # another NaN object: the same value
+        net(x)
+    report = fast_report(net)
+    assert report is not None and report.builds == 1 and report.fast_calls == 6
+    drop_fast(net)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "ndarray", "int"])
+def test_a_scalar_attribute_replaced_by_an_array_or_another_type_rebuilds_without_raising(kind):
+    torch.manual_seed(0)
+    net, x = Scaled(), torch.randn(3, 2)
+    if kind == "ndarray":
+        new: Any = pytest.importorskip("numpy").array([1.0, 2.0], dtype="float32")
+    else:
+        new = torch.tensor([1.0, 2.0]) if kind == "tensor" else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=FAST):
+            net(x), net(x)
+            net.scale = new
+            fast = net(x)
+            net(x)
+    assert close(fast, plain_of(net, x))
+    report = fast_report(net)
+    assert report is not None and report.builds == 2
     drop_fast(net)

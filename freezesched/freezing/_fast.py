@@ -756,7 +756,8 @@ def _attributes(
     names = [k for k, v in d.items() if k not in _MODULE_ATTRS and _scalar(v)]
     if not root and "forward" in d:
         names.append("forward")
-    getter = operator.itemgetter(*names) if names else None
+    # Two names at least, so that the getter always returns a tuple (compared by identity).
+    getter = operator.itemgetter(*names, *names[:1]) if names else None
     return d, _own_len(d, root), getter, getter(d) if getter else None
 
 
@@ -828,11 +829,36 @@ def _attributes_unchanged(fp: _Fingerprint) -> bool:
             return False
         if getter is not None:
             try:
-                if getter(d) != values:
-                    return False
+                now = getter(d)
             except KeyError:
                 return False
+            # Identity first (a NaN is its own), then type and value: never raises.
+            if any(map(operator.is_not, now, values)) and not _equal_scalars(now, values):
+                return False
     return True
+
+
+def _equal_scalars(now: tuple[Any, ...], values: tuple[Any, ...]) -> bool:
+    """Whether ``now`` holds values of the same types and equal to ``values`` (scalars)."""
+    for a, b in zip(now, values, strict=True):
+        if a is b:
+            continue
+        if type(a) is not type(b) or not _scalar(a) or not _same_types(a, b):
+            return False
+        if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+            continue
+        try:
+            if bool(a != b):
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def _same_types(a: object, b: object) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_types(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b)
 
 
 def _hooked(fp: _Fingerprint) -> str:
