@@ -391,3 +391,43 @@ def test_a_scalar_attribute_replaced_by_an_array_or_another_type_rebuilds_withou
     report = fast_report(net)
     assert report is not None and report.builds == 2
     drop_fast(net)
+
+
+# --- tensors without storage (second review) ----------------------------------------------------
+
+
+class GraphConv(nn.Module):
+    def __init__(self, sparse_out: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("adj", (torch.eye(5) + torch.eye(5).roll(1, 0)).to_sparse())
+        self.sparse_out = sparse_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sparse.mm(self.adj, self.lin(x))
+        return y.to_sparse() if self.sparse_out else y
+
+
+def test_a_sparse_buffer_is_tracked_by_version_and_a_sparse_output_runs_plainly():
+    torch.manual_seed(0)
+    net, x = GraphConv(), torch.randn(5, 4)
+    with freeze(net, policy=FAST):
+        net(x), net(x)
+        with torch.no_grad():
+            net.adj.mul_(2.0)  # an in-place write to the sparse buffer
+        fast = net(x)
+        net(x)
+    assert close(fast, plain_of(net, x))
+    report = fast_report(net)
+    assert report is not None and report.builds == 2 and report.fast_calls >= 2
+    drop_fast(net)
+
+    out_sparse = GraphConv(sparse_out=True)
+    with warnings.catch_warnings(record=True) as caught, freeze(out_sparse, policy=FAST):
+        warnings.simplefilter("always")
+        results = [out_sparse(x) for _ in range(2)]
+    assert all(torch.equal(r.to_dense(), results[0].to_dense()) for r in results)
+    assert any("sparse" in str(w.message) and "plainly" in str(w.message) for w in caught)
+    report = fast_report(out_sparse)
+    assert report is not None and report.fast_calls == 0
+    drop_fast(out_sparse)

@@ -723,10 +723,10 @@ def _fingerprint(module: nn.Module) -> _Fingerprint:
                 if t is None:  # a None slot: assigning a tensor there changes the module
                     tensors.append((slots, name, None, 0, 0))
                     continue
-                tensors.append((slots, name, t, t._version, t.data_ptr()))
+                tensors.append((slots, name, t, t._version, _pointer(t)))
                 if device is None and t.is_floating_point():
                     device = t.device
-    tensors += [(holder, key, t, t._version, t.data_ptr()) for holder, key, t in plain]
+    tensors += [(holder, key, t, t._version, _pointer(t)) for holder, key, t in plain]
     shape = [(len(m._parameters), len(m._buffers), len(m._modules)) for m in modules]
     groups: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
     for _, _, t, _, _ in tensors:
@@ -746,6 +746,19 @@ def _fingerprint(module: nn.Module) -> _Fingerprint:
         samples=samples,
         types=list(map(type, modules)),
     )
+
+
+def _pointer(t: torch.Tensor) -> int:
+    """``t.data_ptr()``, or ``-1`` for a tensor without storage (sparse, other layouts).
+
+    Such a tensor is tracked by identity and ``_version`` only.
+    """
+    if t.layout != torch.strided:
+        return -1
+    try:
+        return int(t.data_ptr())
+    except Exception:  # a subclass or a tensor without storage
+        return -1
 
 
 def _attributes(
@@ -794,7 +807,7 @@ def _compare(fp: _Fingerprint) -> str:
     verdict = ""
     for slots, name, t, version, ptr in fp.tensors:
         now = slots.get(name)
-        if now is t and (t is None or (t._version == version and t.data_ptr() == ptr)):
+        if now is t and (t is None or (t._version == version and (ptr < 0 or t.data_ptr() == ptr))):
             if t is not None and t.requires_grad:
                 return "grad"
             continue
@@ -988,7 +1001,7 @@ def _key(entry: _Entry, fp: _Fingerprint, args: tuple[torch.Tensor, ...], varian
     """
     spec = entry.spec
     settings = (spec.fold_bn, spec.channels_last, spec.dtype, spec.compile)
-    kinds = tuple((a.dim(), a.dtype) for a in args)
+    kinds = tuple((a.dim(), a.dtype, a.layout) for a in args)
     return (settings, variant, kinds, *_signature(fp, entry.eval_ids, args[0].device))
 
 
@@ -1130,6 +1143,11 @@ _CONSTANTS = (
 def _uncomparable(output: Any) -> str:
     """Why the check cannot compare ``output`` with a twin's (``""``: it can)."""
     for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf.layout != torch.strided:
+            return (
+                f"its output is a {leaf.layout} tensor, which the twin's output cannot be "
+                "checked against (only strided tensors are compared)"
+            )
         if not isinstance(leaf, (torch.Tensor, *_CONSTANTS)):
             return (
                 f"its output type {type(leaf).__name__} is not a tensor/tuple/list/dict, so "
