@@ -431,3 +431,25 @@ def test_a_sparse_buffer_is_tracked_by_version_and_a_sparse_output_runs_plainly(
     report = fast_report(out_sparse)
     assert report is not None and report.fast_calls == 0
     drop_fast(out_sparse)
+
+
+# --- the feature cache's second input in one block (second review) ------------------------------
+
+
+@pytest.mark.parametrize("second", ["clone", "view"])
+def test_an_equal_second_input_with_nans_is_served_by_the_cache(second: str):
+    from freezesched.freezing import FeatureCache, sample_keys
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    x[0, 0] = float("nan")  # a missing value in one sample
+    with freeze(net, policy=FreezePolicy(fast=FastFrozen(cache=FeatureCache()))):
+        with sample_keys([0, 1, 2]):
+            first = net(x)
+            again = net(x.clone() if second == "clone" else x[:, :])
+        with sample_keys([0, 1, 2]), pytest.raises(ValueError, match="different inputs"):
+            net(x), net(x + 1.0)  # still refused: other values
+    assert torch.equal(first.isnan(), again.isnan())
+    assert torch.equal(first.nan_to_num(), again.nan_to_num())
+    drop_fast(net)
