@@ -116,6 +116,24 @@ def test_a_forward_writing_inside_a_held_dict_list_or_object_runs_plainly(how: s
     drop_fast(net)
 
 
+def test_the_feature_cache_refuses_a_forward_that_writes_an_attribute():
+    from freezesched.freezing import FeatureCache, sample_keys
+
+    torch.manual_seed(0)
+    net = Tapped()
+    data = torch.randn(4, 3, 8, 8)
+    policy = FreezePolicy(fast=FastFrozen(cache=FeatureCache()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=policy):
+            for _ in range(2):  # the first call builds (and sees the write); hits follow
+                with sample_keys([0, 1, 2, 3]), pytest.raises(ValueError, match="stem_features"):
+                    net(data)
+    report = fast_report(net)
+    assert report is not None and report.cache_hits == 0
+    drop_fast(net)
+
+
 # --- f10: autocast regions inside the forward --------------------------------------------------
 
 

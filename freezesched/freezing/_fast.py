@@ -367,6 +367,9 @@ class _Entry:
     getstate: _GetState | None = None
     #: Twin keys that run plainly (until the weights change), with the reason.
     disabled: dict[Hashable, str] = field(default_factory=dict)
+    #: Twin keys whose forward writes the module's attributes (a subset of ``disabled``):
+    #: the feature cache refuses them, since a hit skips the forward.
+    writes: dict[Hashable, str] = field(default_factory=dict)
     calls: int = 0
     builds: int = 0
     compiles: int = 0
@@ -982,6 +985,7 @@ def _invalidate(entry: _Entry, module: nn.Module) -> None:
     entry.compiles += sum(s.twin.compiles[0] for s in entry.twins.values())
     entry.twins.clear()
     entry.disabled.clear()
+    entry.writes.clear()
     for store in entry.stores.values():
         store.clear()
     entry.fingerprint = _fingerprint(module)
@@ -1292,7 +1296,10 @@ def _build(
     versions = [a._version for a in args]
     attributes = _instance_state(module)
     reference = plain()  # the exact output, returned by this call
-    refusal = _written(attributes) or _uncomparable(reference)
+    refusal = _written(attributes)
+    if refusal:
+        entry.writes[key] = refusal
+    refusal = refusal or _uncomparable(reference)
     written = [i for i, a in enumerate(args) if a._version != versions[i]]
     if not refusal and written and _copies_inputs(spec, variant, args):
         refusal = (
@@ -1473,6 +1480,21 @@ def _batch_dependence(module: nn.Module, fp: _Fingerprint, eval_ids: set[int]) -
     return ""
 
 
+def _refuse_writes(entry: _Entry, key: Hashable, name: str) -> None:
+    """Raise if the forward of this twin key writes the module's attributes.
+
+    Raises:
+        ValueError: it does: a cache hit would skip the write.
+    """
+    why = entry.writes.get(key)
+    if why:
+        raise ValueError(
+            f"the feature cache cannot serve {name}: {why}. A cache hit skips the forward, "
+            "so that state would go stale. Turn the cache off for this module "
+            "(FastFrozen(cache=None)) or leave sample_keys out for it"
+        )
+
+
 def _cached(
     entry: _Entry,
     module: nn.Module,
@@ -1530,6 +1552,7 @@ def _cached(
             "dropped"
         )
     full = [(signature, k) for k in keys]
+    _refuse_writes(entry, _key(entry, fp, (x,), "main"), name)
     hit = [k in store for k in full]
     check = store.verify_mask(len(keys))
     compute = [i for i in range(batch) if not hit[i] or check[i]]
@@ -1545,6 +1568,7 @@ def _cached(
         else:
             entry.fast_calls += 1
             output = _run(slot, (sub,), spec, False)
+        _refuse_writes(entry, key, name)  # seen by the build that just ran
         computed, treespec = split(output, len(compute))
         if store.treespec is None:
             store.treespec = treespec
