@@ -841,7 +841,7 @@ def _attributes_unchanged(fp: _Fingerprint) -> bool:
     """
     root = fp.modules[0].__dict__
     for d, n, getter, values in fp.attributes:
-        if _own_len(d, d is root) != n:  # an attribute added or deleted
+        if (len(d) if d is not root else _own_len(d, True)) != n:  # added or deleted
             return False
         if getter is not None:
             try:
@@ -849,7 +849,7 @@ def _attributes_unchanged(fp: _Fingerprint) -> bool:
             except KeyError:
                 return False
             # Identity first (a NaN is its own), then type and value: never raises.
-            if any(map(operator.is_not, now, values)) and not _equal_scalars(now, values):
+            if not all(map(operator.is_, now, values)) and not _equal_scalars(now, values):
                 return False
     return True
 
