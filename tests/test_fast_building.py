@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import types
 import warnings
 
 import pytest
@@ -68,6 +69,68 @@ def test_a_forward_that_sets_an_attribute_runs_plainly_and_the_attribute_stays_c
     assert any("stem_features" in m for m in messages(caught))
     report = fast_report(net)
     assert report is not None and report.fast_calls == 0
+    drop_fast(net)
+
+
+class WritesInside(nn.Module):
+    """A forward that writes inside what it holds: identity and length stay the same."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.body = conv_bn(3, 4)
+        self.feats: dict[str, torch.Tensor | None] = {"body": None}  # an existing key
+        self.slot: list[torch.Tensor | None] = [None]  # a preallocated slot
+        self.meter = types.SimpleNamespace(calls=0, last=None)  # a plain object
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if self.how == "dict":
+            self.feats["body"] = h
+        elif self.how == "list":
+            self.slot[0] = h
+        else:
+            self.meter.calls += 1
+        return h.relu()
+
+
+@pytest.mark.parametrize(
+    ("how", "attribute"), [("dict", "feats"), ("list", "slot"), ("object", "meter")]
+)
+def test_a_forward_writing_inside_a_held_dict_list_or_object_runs_plainly(how: str, attribute: str):
+    torch.manual_seed(0)
+    net = WritesInside(how)
+    with freeze(net, policy=FAST), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3):
+            out = net(torch.full((1, 3, 4, 4), float(i)))
+            if how == "dict":
+                assert torch.equal(net.feats["body"].relu(), out)  # type: ignore[union-attr]
+            elif how == "list":
+                assert torch.equal(net.slot[0].relu(), out)  # type: ignore[union-attr]
+    if how == "object":
+        assert net.meter.calls == 3
+    assert any(repr(attribute) in m and "plainly" in m for m in messages(caught))
+    report = fast_report(net)
+    assert report is not None and report.fast_calls == 0
+    drop_fast(net)
+
+
+def test_the_feature_cache_refuses_a_forward_that_writes_an_attribute():
+    from freezesched.freezing import FeatureCache, sample_keys
+
+    torch.manual_seed(0)
+    net = Tapped()
+    data = torch.randn(4, 3, 8, 8)
+    policy = FreezePolicy(fast=FastFrozen(cache=FeatureCache()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=policy):
+            for _ in range(2):  # the first call builds (and sees the write); hits follow
+                with sample_keys([0, 1, 2, 3]), pytest.raises(ValueError, match="stem_features"):
+                    net(data)
+    report = fast_report(net)
+    assert report is not None and report.cache_hits == 0
     drop_fast(net)
 
 
@@ -416,3 +479,115 @@ def test_a_grad_mode_switch_in_a_frozen_middle_stage_keeps_the_input_gradient_ex
                       (torch.autograd.grad_mode.set_grad_enabled, "__init__")]:  # fmt: skip
         assert getattr(cls.__dict__[attr], "__wrapped__", None) is None  # restored
     drop_fast(middle)
+
+
+# --- custom autograd Functions and function-form mode switches (second review) -----------------
+
+
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return -g
+
+
+class StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g
+
+
+class UsesFunction(nn.Module):
+    """A middle stage whose inner block calls a custom autograd Function."""
+
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(self.fn.apply(x)))
+
+
+class SwitchesByFunction(nn.Module):
+    """A middle stage that switches grad mode or autocast with a module-level function."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "_set_grad_enabled":
+            previous = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            skip = x * 2.0
+            torch._C._set_grad_enabled(previous)
+        else:
+            torch.set_autocast_dtype("cpu", torch.bfloat16)
+            torch.set_autocast_enabled("cpu", True)
+            skip = self.lin(x).float()
+            torch.set_autocast_enabled("cpu", False)
+        return self.lin(x) + skip
+
+
+def _middle_stage_gradient(middle: nn.Module, policy: FreezePolicy | None) -> torch.Tensor:
+    torch.manual_seed(1)
+    stem = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    region = freeze(middle, policy=policy) if policy else freeze(middle)
+    with region:
+        for _ in range(3):  # build and check, then served by the twin
+            stem.zero_grad(set_to_none=True)
+            middle(stem(x)).square().sum().backward()
+    assert stem.weight.grad is not None
+    return stem.weight.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "how", ["grad_reverse", "straight_through", "_set_grad_enabled", "set_autocast_enabled"]
+)
+def test_a_custom_function_or_a_mode_switching_function_keeps_the_gradient_exact(how: str):
+    torch.manual_seed(0)
+    functions = {"grad_reverse": GradReverse, "straight_through": StraightThrough}
+    middle = UsesFunction(functions[how]) if how in functions else SwitchesByFunction(how)
+    for m in middle.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+    plain = _middle_stage_gradient(middle, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = _middle_stage_gradient(middle, FAST)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert any("torch.fx does not record" in m for m in messages(caught))
+    report = fast_report(middle)
+    assert report is not None and report.fast_calls >= 1
+    assert any("does not record" in reason for _, reason in report.untraced)
+    assert getattr(torch.autograd.Function.__dict__["apply"].__func__, "__wrapped__", None) is None
+    assert getattr(torch._C._set_grad_enabled, "__wrapped__", None) is None
+    assert getattr(torch.set_autocast_enabled, "__wrapped__", None) is None
+    drop_fast(middle)
+
+
+def test_torch_layers_alone_are_still_traced_and_folded():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        conv_bn(3, 4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 4), nn.Sigmoid()
+    )
+    x = torch.randn(2, 3, 8, 8)
+    with freeze(net, policy=FAST):
+        net(x)
+        net(x)
+    report = fast_report(net)
+    assert report is not None
+    assert report.untraced == () and len(report.folded) == 1 and report.fast_calls == 1
+    drop_fast(net)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -274,7 +275,11 @@ def _forward(net: nn.Module) -> None:
     net[2].forward = types.MethodType(lambda self, x: x.tanh(), net[2])
 
 
-@pytest.mark.parametrize("change", [_eps, _stride, _forward])
+def _class(net: nn.Module) -> None:
+    net[2].__class__ = nn.Tanh  # swaps the implementation; no attribute changes
+
+
+@pytest.mark.parametrize("change", [_eps, _stride, _forward, _class])
 def test_a_python_attribute_changed_between_regions_rebuilds_the_twin(change):
     net = conv_net()
     with torch.no_grad():
@@ -292,7 +297,7 @@ def test_a_python_attribute_changed_between_regions_rebuilds_the_twin(change):
     drop_fast(net)
 
 
-@pytest.mark.parametrize("change", [_eps, _stride, _forward])
+@pytest.mark.parametrize("change", [_eps, _stride, _forward, _class])
 def test_a_python_attribute_changed_inside_a_region_rebuilds_the_twin_before_the_next_call(
     change,
 ):
@@ -307,4 +312,144 @@ def test_a_python_attribute_changed_inside_a_region_rebuilds_the_twin_before_the
         report = fast_report(net)
     assert close(fast, plain_of(net, x))  # (a changed stride changes the shape too)
     assert report is not None and report.builds == 2
+    drop_fast(net)
+
+
+# --- complex outputs (second review) ------------------------------------------------------------
+
+
+class Spectral(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.re, self.im = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.complex(self.re(x), self.im(x))
+
+
+def test_the_check_compares_the_imaginary_part_of_a_complex_output():
+    from freezesched.freezing import FastMismatchError
+
+    torch.manual_seed(0)
+    net, x = Spectral(), torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=FreezePolicy(fast=FastFrozen(verify_every=2))):
+            net(x)  # builds; the complex twin matches
+            served = net(x)  # served by the twin
+            net.im.weight.data.mul_(-3.0)  # not recorded; changes the imaginary part only
+            with pytest.raises(FastMismatchError, match="periodic check of Spectral"):
+                net(x)  # the periodic check
+    assert served.is_complex() and fast_report(net).fast_calls == 1  # type: ignore[union-attr]
+    drop_fast(net)
+
+
+# --- scalar attributes that are NaN or become arrays (second review) ----------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale: Any = 1.0
+        self.limit = float("nan")  # an optional clamp, disabled with NaN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x) * self.scale
+        return y if self.limit != self.limit else y.clamp(max=self.limit)
+
+
+def test_a_nan_scalar_attribute_does_not_rebuild_the_twin_on_every_call():
+    torch.manual_seed(0)
+    net, x = Scaled(), torch.randn(3, 2)
+    with freeze(net, policy=FAST):
+        for _ in range(6):
+            net(x)
+        net.limit = float("nan")  # another NaN object: the same value
+        net(x)
+    report = fast_report(net)
+    assert report is not None and report.builds == 1 and report.fast_calls == 6
+    drop_fast(net)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "ndarray", "int"])
+def test_a_scalar_attribute_replaced_by_an_array_or_another_type_rebuilds_without_raising(kind):
+    torch.manual_seed(0)
+    net, x = Scaled(), torch.randn(3, 2)
+    if kind == "ndarray":
+        new: Any = pytest.importorskip("numpy").array([1.0, 2.0], dtype="float32")
+    else:
+        new = torch.tensor([1.0, 2.0]) if kind == "tensor" else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastModeWarning)
+        with freeze(net, policy=FAST):
+            net(x), net(x)
+            net.scale = new
+            fast = net(x)
+            net(x)
+    assert close(fast, plain_of(net, x))
+    report = fast_report(net)
+    assert report is not None and report.builds == 2
+    drop_fast(net)
+
+
+# --- tensors without storage (second review) ----------------------------------------------------
+
+
+class GraphConv(nn.Module):
+    def __init__(self, sparse_out: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("adj", (torch.eye(5) + torch.eye(5).roll(1, 0)).to_sparse())
+        self.sparse_out = sparse_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sparse.mm(self.adj, self.lin(x))
+        return y.to_sparse() if self.sparse_out else y
+
+
+def test_a_sparse_buffer_is_tracked_by_version_and_a_sparse_output_runs_plainly():
+    torch.manual_seed(0)
+    net, x = GraphConv(), torch.randn(5, 4)
+    with freeze(net, policy=FAST):
+        net(x), net(x)
+        with torch.no_grad():
+            net.adj.mul_(2.0)  # an in-place write to the sparse buffer
+        fast = net(x)
+        net(x)
+    assert close(fast, plain_of(net, x))
+    report = fast_report(net)
+    assert report is not None and report.builds == 2 and report.fast_calls >= 2
+    drop_fast(net)
+
+    out_sparse = GraphConv(sparse_out=True)
+    with warnings.catch_warnings(record=True) as caught, freeze(out_sparse, policy=FAST):
+        warnings.simplefilter("always")
+        results = [out_sparse(x) for _ in range(2)]
+    assert all(torch.equal(r.to_dense(), results[0].to_dense()) for r in results)
+    assert any("sparse" in str(w.message) and "plainly" in str(w.message) for w in caught)
+    report = fast_report(out_sparse)
+    assert report is not None and report.fast_calls == 0
+    drop_fast(out_sparse)
+
+
+# --- the feature cache's second input in one block (second review) ------------------------------
+
+
+@pytest.mark.parametrize("second", ["clone", "view"])
+def test_an_equal_second_input_with_nans_is_served_by_the_cache(second: str):
+    from freezesched.freezing import FeatureCache, sample_keys
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    x[0, 0] = float("nan")  # a missing value in one sample
+    with freeze(net, policy=FreezePolicy(fast=FastFrozen(cache=FeatureCache()))):
+        with sample_keys([0, 1, 2]):
+            first = net(x)
+            again = net(x.clone() if second == "clone" else x[:, :])
+        with sample_keys([0, 1, 2]), pytest.raises(ValueError, match="different inputs"):
+            net(x), net(x + 1.0)  # still refused: other values
+    assert torch.equal(first.isnan(), again.isnan())
+    assert torch.equal(first.nan_to_num(), again.nan_to_num())
     drop_fast(net)

@@ -11,16 +11,16 @@ The guarantees (each tested, see ``docs/fast.md``):
 
 * **Never stale.** Before every call the twin is checked against the module: the identity,
   ``_version`` and storage of each parameter, buffer and tensor held in a plain attribute,
-  the submodule tree (modules held in plain attributes included), the modes, and the
-  hooks. Any change torch records (an optimizer step, ``load_state_dict``, ``.to()``,
-  assigning a parameter, ``.data = ...``) rebuilds the twin before it is used, and so does
-  a changed scalar attribute of a submodule (``eps``, ``stride``). When a hold is
-  attached, a few sampled elements of every tensor are compared too (writes torch does
-  not record: fused optimizers, collectives). Each twin serves one rank and dtype per
-  input. The first output of every new twin is compared with the plain frozen forward
-  and the plain output is returned, and every ``verify_every`` calls the comparison is
-  repeated (it also catches writes torch does not record inside a region, such as
-  ``p.data.copy_(...)``).
+  the submodule tree (modules held in plain attributes included) and each submodule's class,
+  the modes, and the hooks. Any change torch records (an optimizer step,
+  ``load_state_dict``, ``.to()``, assigning a parameter, ``.data = ...``) rebuilds the twin
+  before it is used, and so does a changed scalar attribute of a submodule (``eps``,
+  ``stride``). When a hold is attached, a few sampled elements of every tensor are compared
+  too (writes torch does not record: fused optimizers, collectives). Each twin serves one
+  rank and dtype per input. The first output of every new twin is compared with the plain
+  frozen forward and the plain output is returned, and every ``verify_every`` calls the
+  comparison is repeated (it also catches writes torch does not record inside a region, such
+  as ``p.data.copy_(...)``).
 * **Exact where it cannot be fast.** Whenever the twin cannot give the plain frozen
   forward's result and gradients, the plain forward runs and the reason is counted in the
   report (and warned once): trainable tensors reaching the module
@@ -44,6 +44,7 @@ import math
 import operator
 import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -319,6 +320,8 @@ class _Fingerprint:
     Attributes:
         modules: The module and every module it reaches, registered or held in a plain
             attribute (directly or inside a list, tuple or dict).
+        types: ``type`` of each of ``modules`` (``m.__class__ = Other`` changes no
+            attribute).
         shape: ``len`` of each module's ``_parameters``, ``_buffers`` and ``_modules``.
         edges: ``(parent, name, child)`` of each registered submodule.
         tensors: ``(holder, name, tensor, _version, data_ptr)`` of each parameter, buffer and
@@ -345,6 +348,7 @@ class _Fingerprint:
         default_factory=list
     )
     samples: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    types: list[type] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -363,6 +367,9 @@ class _Entry:
     getstate: _GetState | None = None
     #: Twin keys that run plainly (until the weights change), with the reason.
     disabled: dict[Hashable, str] = field(default_factory=dict)
+    #: Twin keys whose forward writes the module's attributes (a subset of ``disabled``):
+    #: the feature cache refuses them, since a hit skips the forward.
+    writes: dict[Hashable, str] = field(default_factory=dict)
     calls: int = 0
     builds: int = 0
     compiles: int = 0
@@ -719,10 +726,10 @@ def _fingerprint(module: nn.Module) -> _Fingerprint:
                 if t is None:  # a None slot: assigning a tensor there changes the module
                     tensors.append((slots, name, None, 0, 0))
                     continue
-                tensors.append((slots, name, t, t._version, t.data_ptr()))
+                tensors.append((slots, name, t, t._version, _pointer(t)))
                 if device is None and t.is_floating_point():
                     device = t.device
-    tensors += [(holder, key, t, t._version, t.data_ptr()) for holder, key, t in plain]
+    tensors += [(holder, key, t, t._version, _pointer(t)) for holder, key, t in plain]
     shape = [(len(m._parameters), len(m._buffers), len(m._modules)) for m in modules]
     groups: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
     for _, _, t, _, _ in tensors:
@@ -740,7 +747,21 @@ def _fingerprint(module: nn.Module) -> _Fingerprint:
         sizes=sizes,
         attributes=[_attributes(m, m is module) for m in modules],
         samples=samples,
+        types=list(map(type, modules)),
     )
+
+
+def _pointer(t: torch.Tensor) -> int:
+    """``t.data_ptr()``, or ``-1`` for a tensor without storage (sparse, other layouts).
+
+    Such a tensor is tracked by identity and ``_version`` only.
+    """
+    if t.layout != torch.strided:
+        return -1
+    try:
+        return int(t.data_ptr())
+    except Exception:  # a subclass or a tensor without storage
+        return -1
 
 
 def _attributes(
@@ -751,7 +772,8 @@ def _attributes(
     names = [k for k, v in d.items() if k not in _MODULE_ATTRS and _scalar(v)]
     if not root and "forward" in d:
         names.append("forward")
-    getter = operator.itemgetter(*names) if names else None
+    # Two names at least, so that the getter always returns a tuple (compared by identity).
+    getter = operator.itemgetter(*names, *names[:1]) if names else None
     return d, _own_len(d, root), getter, getter(d) if getter else None
 
 
@@ -768,6 +790,8 @@ def _compare(fp: _Fingerprint) -> str:
     ``""`` if nothing, ``"grad"`` if a tensor requiring grad was swapped in, else
     ``"changed"``.
     """
+    if list(map(type, fp.modules)) != fp.types:  # a class swapped in place
+        return "changed"
     for m, s in zip(fp.modules, fp.shape, strict=True):
         if (len(m._parameters), len(m._buffers), len(m._modules)) != s:
             return "changed"
@@ -786,7 +810,7 @@ def _compare(fp: _Fingerprint) -> str:
     verdict = ""
     for slots, name, t, version, ptr in fp.tensors:
         now = slots.get(name)
-        if now is t and (t is None or (t._version == version and t.data_ptr() == ptr)):
+        if now is t and (t is None or (t._version == version and (ptr < 0 or t.data_ptr() == ptr))):
             if t is not None and t.requires_grad:
                 return "grad"
             continue
@@ -817,15 +841,40 @@ def _attributes_unchanged(fp: _Fingerprint) -> bool:
     """
     root = fp.modules[0].__dict__
     for d, n, getter, values in fp.attributes:
-        if _own_len(d, d is root) != n:  # an attribute added or deleted
+        if (len(d) if d is not root else _own_len(d, True)) != n:  # added or deleted
             return False
         if getter is not None:
             try:
-                if getter(d) != values:
-                    return False
+                now = getter(d)
             except KeyError:
                 return False
+            # Identity first (a NaN is its own), then type and value: never raises.
+            if not all(map(operator.is_, now, values)) and not _equal_scalars(now, values):
+                return False
     return True
+
+
+def _equal_scalars(now: tuple[Any, ...], values: tuple[Any, ...]) -> bool:
+    """Whether ``now`` holds values of the same types and equal to ``values`` (scalars)."""
+    for a, b in zip(now, values, strict=True):
+        if a is b:
+            continue
+        if type(a) is not type(b) or not _scalar(a) or not _same_types(a, b):
+            return False
+        if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+            continue
+        try:
+            if bool(a != b):
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def _same_types(a: object, b: object) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_types(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b)
 
 
 def _hooked(fp: _Fingerprint) -> str:
@@ -936,6 +985,7 @@ def _invalidate(entry: _Entry, module: nn.Module) -> None:
     entry.compiles += sum(s.twin.compiles[0] for s in entry.twins.values())
     entry.twins.clear()
     entry.disabled.clear()
+    entry.writes.clear()
     for store in entry.stores.values():
         store.clear()
     entry.fingerprint = _fingerprint(module)
@@ -955,7 +1005,7 @@ def _key(entry: _Entry, fp: _Fingerprint, args: tuple[torch.Tensor, ...], varian
     """
     spec = entry.spec
     settings = (spec.fold_bn, spec.channels_last, spec.dtype, spec.compile)
-    kinds = tuple((a.dim(), a.dtype) for a in args)
+    kinds = tuple((a.dim(), a.dtype, a.layout) for a in args)
     return (settings, variant, kinds, *_signature(fp, entry.eval_ids, args[0].device))
 
 
@@ -1042,7 +1092,8 @@ def _difference(
     A string instead says why they cannot be compared.
 
     A tensor is within tolerance when ``max |fast - plain| <= atol + rtol * max |plain|``
-    over its finite entries, and its NaNs and infinities are where the plain ones are.
+    over its finite entries, and its NaNs and infinities are where the plain ones are. The
+    real and imaginary parts of a complex tensor count as separate entries.
     """
     rtol, atol = tolerance
     a, spec_a = pytree.tree_flatten(fast)
@@ -1062,7 +1113,7 @@ def _difference(
             return "an output has a different shape or dtype"
         if y.numel() == 0:
             continue
-        xf, yf = x.detach().double(), y.detach().double()
+        xf, yf = _real(x), _real(y)
         if not torch.equal(torch.isnan(xf), torch.isnan(yf)):
             return "NaNs in different places"
         finite = torch.isfinite(yf)
@@ -1078,6 +1129,14 @@ def _difference(
     return worst_abs, worst_rel, ok
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64; a complex ``t`` as its real and imaginary parts (a last dim of 2)."""
+    t = t.detach()
+    if t.is_complex():
+        return torch.view_as_real(t.to(torch.complex128).resolve_conj().resolve_neg())
+    return t.double()
+
+
 #: Non-tensor output leaves the check compares with ``==``.
 _CONSTANTS = (
     type(None), bool, int, float, complex, str, bytes,
@@ -1088,6 +1147,11 @@ _CONSTANTS = (
 def _uncomparable(output: Any) -> str:
     """Why the check cannot compare ``output`` with a twin's (``""``: it can)."""
     for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf.layout != torch.strided:
+            return (
+                f"its output is a {leaf.layout} tensor, which the twin's output cannot be "
+                "checked against (only strided tensors are compared)"
+            )
         if not isinstance(leaf, (torch.Tensor, *_CONSTANTS)):
             return (
                 f"its output type {type(leaf).__name__} is not a tensor/tuple/list/dict, so "
@@ -1097,35 +1161,78 @@ def _uncomparable(output: Any) -> str:
     return ""
 
 
-_Attributes = list[tuple[str, nn.Module, dict[str, tuple[Any, int]]]]
+#: Each submodule's ``(name, module, {attribute: (value, contents)})``, and what was met
+#: (kept alive while compared).
+_Attributes = tuple[list[tuple[str, nn.Module, dict[str, tuple[Any, Hashable]]]], list[object]]
+#: How deep the build's snapshot looks into the lists, dicts, sets and plain objects held in
+#: attributes (``self.feats["conv"] = h``, ``self.slot[0] = h``, ``self.meter.calls += 1``).
+_WRITE_DEPTH = 3
+
+
+def _contents(value: object, depth: int, keep: list[object]) -> Hashable:
+    """The identities of what ``value`` holds, within ``depth`` levels, as a hashable value.
+
+    Items of lists, tuples, dicts and sets, and the ``__dict__`` of plain objects (not
+    modules, tensors, classes or Python modules), are followed; everything met is appended
+    to ``keep``, so that an identity cannot be reused by a new object while it is compared.
+    """
+    if depth <= 0:
+        return None
+    items: list[tuple[object, object]]
+    if isinstance(value, list | tuple):
+        items = list(enumerate(value))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, set | frozenset):
+        keep.append(list(value))
+        return ("set", len(value), frozenset(map(id, value)))
+    elif isinstance(value, nn.Module | torch.Tensor | type | types.ModuleType):
+        return None
+    else:
+        attrs = getattr(value, "__dict__", None)
+        if not isinstance(attrs, dict):
+            return None
+        items = list(attrs.items())
+    keep.append(items)
+    return tuple(
+        (id(k) if not isinstance(k, int | str) else k, id(v), _contents(v, depth - 1, keep))
+        for k, v in items
+    )
 
 
 def _instance_state(module: nn.Module) -> _Attributes:
-    """Each submodule's instance attributes (and the sizes of its lists, dicts and sets)."""
-    return [
-        (name, m, {k: (v, len(v) if isinstance(v, list | dict | set) else -1)
-                   for k, v in m.__dict__.items()})
+    """Each submodule's instance attributes, and what their containers and objects hold."""
+    keep: list[object] = []
+    state = [
+        (name, m, {k: (v, _contents(v, _WRITE_DEPTH, keep)) for k, v in m.__dict__.items()})
         for name, m in module.named_modules()
-    ]  # fmt: skip
+    ]
+    return state, keep
 
 
 def _written(before: _Attributes) -> str:
     """Why the forward that ran since ``before`` cannot run as a twin (``""``: it can).
 
     A twin is a copy: attributes the forward sets (``self.features = x``, a counter, a list
-    it appends to) would be set on the copy, and the module's would go stale.
+    it appends to, an item of a dict or list it holds, an attribute of an object it holds)
+    would be set on the copy, and the module's would go stale.
     """
-    for name, m, attributes in before:
+    for name, m, attributes in before[0]:
         now = m.__dict__
         changed = [k for k in now if k not in attributes]
-        for k, (v, size) in attributes.items():
-            if now.get(k, attributes) is not v or (size >= 0 and len(v) != size):
+        for k, (v, contents) in attributes.items():
+            if now.get(k, attributes) is not v or _contents(v, _WRITE_DEPTH, []) != contents:
                 changed.append(k)
         for k in changed:
             where = f"{name}.{k}" if name else k
+            inside = (
+                ""
+                if k not in attributes or now.get(k) is not attributes[k][0]
+                else (" (an item or attribute inside it)")
+            )
             return (
-                f"its forward sets the attribute {where!r} of a {type(m).__name__}, which a "
-                "twin (a copy) cannot set on the module"
+                f"its forward sets the attribute {where!r}{inside} of a {type(m).__name__}, "
+                "which a twin (a copy) cannot set on the module"
             )
     return ""
 
@@ -1189,7 +1296,10 @@ def _build(
     versions = [a._version for a in args]
     attributes = _instance_state(module)
     reference = plain()  # the exact output, returned by this call
-    refusal = _written(attributes) or _uncomparable(reference)
+    refusal = _written(attributes)
+    if refusal:
+        entry.writes[key] = refusal
+    refusal = refusal or _uncomparable(reference)
     written = [i for i, a in enumerate(args) if a._version != versions[i]]
     if not refusal and written and _copies_inputs(spec, variant, args):
         refusal = (
@@ -1370,6 +1480,21 @@ def _batch_dependence(module: nn.Module, fp: _Fingerprint, eval_ids: set[int]) -
     return ""
 
 
+def _refuse_writes(entry: _Entry, key: Hashable, name: str) -> None:
+    """Raise if the forward of this twin key writes the module's attributes.
+
+    Raises:
+        ValueError: it does: a cache hit would skip the write.
+    """
+    why = entry.writes.get(key)
+    if why:
+        raise ValueError(
+            f"the feature cache cannot serve {name}: {why}. A cache hit skips the forward, "
+            "so that state would go stale. Turn the cache off for this module "
+            "(FastFrozen(cache=None)) or leave sample_keys out for it"
+        )
+
+
 def _cached(
     entry: _Entry,
     module: nn.Module,
@@ -1427,6 +1552,7 @@ def _cached(
             "dropped"
         )
     full = [(signature, k) for k in keys]
+    _refuse_writes(entry, _key(entry, fp, (x,), "main"), name)
     hit = [k in store for k in full]
     check = store.verify_mask(len(keys))
     compute = [i for i in range(batch) if not hit[i] or check[i]]
@@ -1442,6 +1568,7 @@ def _cached(
         else:
             entry.fast_calls += 1
             output = _run(slot, (sub,), spec, False)
+        _refuse_writes(entry, key, name)  # seen by the build that just ran
         computed, treespec = split(output, len(compute))
         if store.treespec is None:
             store.treespec = treespec

@@ -181,7 +181,8 @@ def other_input(owner: int, x: torch.Tensor) -> str:
     """Whether ``x`` differs from the input ``owner`` got earlier in the innermost block.
 
     The first input of each ``owner`` in a block is recorded; a later one is the same if it
-    is the same tensor, unchanged (``_version``), or a tensor equal to it.
+    is the same tensor or a view of the same memory (same address, shape, strides and
+    dtype), unchanged (``_version``), or a tensor equal to it (NaNs in the same places).
 
     Returns:
         ``""`` if ``x`` is the first or the same input, else how it differs.
@@ -203,9 +204,30 @@ def other_input(owner: int, x: torch.Tensor) -> str:
         return "the same tensor, changed in place since"
     if x.shape != seen.shape or x.dtype != seen.dtype or x.device != seen.device:
         return "a tensor of another shape, dtype or device"
-    if not torch.equal(x, seen):
+    if _same_memory(x, seen) and x._version == version:  # a view of the first input
+        return ""
+    if not _equal(x, seen):
         return "a tensor with other values"
     return ""
+
+
+def _same_memory(x: torch.Tensor, seen: torch.Tensor) -> bool:
+    """Whether ``x`` reads the same elements of the same memory as ``seen``."""
+    if x.layout != torch.strided or seen.layout != torch.strided:
+        return False
+    try:
+        return x.data_ptr() == seen.data_ptr() and x.stride() == seen.stride()
+    except Exception:  # a tensor without storage
+        return False
+
+
+def _equal(x: torch.Tensor, seen: torch.Tensor) -> bool:
+    """``torch.equal``, with NaNs equal where both have them."""
+    if torch.equal(x, seen):
+        return True
+    if not (x.is_floating_point() or x.is_complex()):
+        return False
+    return bool(torch.allclose(x, seen, rtol=0.0, atol=0.0, equal_nan=True))
 
 
 # --- the store ---------------------------------------------------------------------------

@@ -55,6 +55,17 @@ _UNRECORDED: tuple[tuple[type, str, str], ...] = (
     (torch.autograd.grad_mode.set_grad_enabled, "__init__", "torch.set_grad_enabled"),
     (torch.autograd.grad_mode.inference_mode, "__enter__", "torch.inference_mode"),
 )
+#: Functions that switch a mode torch.fx does not record, by the module attribute a forward
+#: calls them through (``torch.set_autocast_enabled`` and ``torch._C.set_autocast_enabled``
+#: are one function under two names: both names are refused). The context managers above
+#: call some of them, after their own refusal.
+_UNRECORDED_FUNCTIONS: tuple[tuple[Any, str], ...] = tuple(
+    (owner, name)
+    for owner, prefix in ((torch, "torch"), (torch._C, "torch._C"))
+    for name in sorted(dir(owner))
+    if (name.startswith("set_autocast_") and name != "set_autocast_cache_enabled")
+    or (prefix == "torch._C" and name in ("_set_grad_enabled", "_set_fwd_grad_enabled"))
+)
 
 
 @dataclass
@@ -158,34 +169,72 @@ class _UnrecordedInForward(RuntimeError):
 
 @contextmanager
 def _refusing_unrecorded_modes() -> Iterator[None]:
-    """Make autocast and grad-mode switches made by this thread fail while it traces.
+    """Make mode switches and custom autograd Functions fail in this thread while it traces.
 
-    ``torch.fx`` does not record them, so the traced graph would run such a region in the
-    caller's precision, or pass gradients through a ``torch.no_grad()`` block of a frozen
-    middle stage that the plain forward cuts. The forward that switches one (the
-    innermost submodule) is kept as one opaque call instead, which runs it as written.
-    Other threads switching modes meanwhile are not affected.
+    ``torch.fx`` does not record autocast and grad-mode switches (context managers or their
+    function forms, such as ``torch._C._set_grad_enabled``), so the traced graph would run
+    such a region in the caller's precision, or pass gradients through a ``torch.no_grad()``
+    block of a frozen middle stage that the plain forward cuts. It traces through a custom
+    ``torch.autograd.Function``'s ``apply`` and keeps only its forward ops, so the twin's
+    backward would use the ops' own gradients instead of the Function's ``backward``
+    (a gradient reversal would pass the gradient unnegated, a straight-through estimator
+    zeros). The forward that does one of these (the innermost submodule) is kept as one
+    opaque call instead, which runs it as written. Other threads are not affected.
     """
     tracing = threading.get_ident()
-    originals = [(c, a, c.__dict__[a], n) for c, a, n in _UNRECORDED if a in c.__dict__]
+    methods = [(c, a, c.__dict__[a], n) for c, a, n in _UNRECORDED if a in c.__dict__]
+    functions = [
+        (owner, name, getattr(owner, name))
+        for owner, name in _UNRECORDED_FUNCTIONS
+        if hasattr(owner, name)
+    ]
+    function_cls = torch.autograd.function.Function
+    apply = function_cls.__dict__.get("apply")
 
-    def refusing(original: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def refuse(what: str) -> None:
+        if threading.get_ident() == tracing:
+            raise _UnrecordedInForward(f"its forward {what} torch.fx does not record")
+
+    def refusing_method(original: Callable[..., Any], name: str) -> Callable[..., Any]:
         @functools.wraps(original)
         def switch(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == tracing:
-                raise _UnrecordedInForward(
-                    f"its forward enters {name}, which torch.fx does not record"
-                )
+            refuse(f"enters {name}, which")
             return original(self, *args, **kwargs)
 
         return switch
 
+    def refusing_function(original: Callable[..., Any], name: str) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def switch(*args: Any, **kwargs: Any) -> Any:
+            refuse(f"calls {name}, which")
+            return original(*args, **kwargs)
+
+        return switch
+
+    def refusing_apply(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def refused(cls: type, *args: Any, **kwargs: Any) -> Any:
+            name = cls.__qualname__
+            refuse(f"calls {name}.apply (a custom torch.autograd.Function), whose backward")
+            return original(cls, *args, **kwargs)
+
+        return refused
+
     try:
-        for cls, attr, original, name in originals:
-            setattr(cls, attr, refusing(original, name))
+        for cls, attr, original, name in methods:
+            setattr(cls, attr, refusing_method(original, name))
+        for owner, attr, function in functions:
+            prefix = "torch._C" if owner is torch._C else "torch"
+            setattr(owner, attr, refusing_function(function, f"{prefix}.{attr}"))
+        if isinstance(apply, classmethod):
+            setattr(function_cls, "apply", classmethod(refusing_apply(apply.__func__)))  # noqa: B010
         yield
     finally:
-        for cls, attr, original, _ in originals:
+        if isinstance(apply, classmethod):
+            setattr(function_cls, "apply", apply)  # noqa: B010
+        for owner, attr, function in functions:
+            setattr(owner, attr, function)
+        for cls, attr, original, _ in methods:
             setattr(cls, attr, original)
 
 
