@@ -317,6 +317,9 @@ def _attention(kind: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Ten
     if kind == "multihead":
         mha = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
         return mha, lambda x: mha(x, x, x)[0]
+    if kind == "rrelu":  # random slopes in training mode: noise like dropout
+        rrelu = nn.Sequential(nn.Linear(8, 8), nn.RReLU())
+        return rrelu, rrelu
     if kind == "scripted-encoder-layer":
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
         scripted = torch.jit.script(layer)
@@ -326,7 +329,7 @@ def _attention(kind: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Ten
 
 
 @pytest.mark.parametrize(
-    "kind", ["encoder-layer", "multihead", "scripted-encoder-layer", "child", "float"]
+    "kind", ["encoder-layer", "multihead", "scripted-encoder-layer", "child", "float", "rrelu"]
 )
 @pytest.mark.parametrize(("policy", "deterministic"), [("eval", True), ("train", False)])
 def test_dropout_drawn_functionally_by_attention_follows_the_dropout_policy(

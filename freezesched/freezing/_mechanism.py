@@ -116,11 +116,14 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _is_dropout(module: nn.Module) -> bool:
-    if isinstance(module, _DropoutNd) or type(module).__name__ in _DROPOUT_NAMES:
+    """Dropout-like: draws noise in training mode only (``nn.RReLU``'s random slopes too)."""
+    if isinstance(module, _DropoutNd | nn.RReLU) or type(module).__name__ in _DROPOUT_NAMES:
         return True
     name = _script_name(module)
     return name is not None and (
-        name in _DROPOUT_NAMES or name in {c.__name__ for c in _all_subclasses(_DropoutNd)}
+        name in _DROPOUT_NAMES
+        or name == "RReLU"
+        or name in {c.__name__ for c in _all_subclasses(_DropoutNd)}
     )
 
 

@@ -96,7 +96,8 @@ class FreezePolicy:
             bitwise unchanged whatever ``model.train()`` or a framework does meanwhile;
             ``"train"`` leaves their mode alone, so the statistics keep updating.
         dropout: ``"eval"`` (default) does the same for dropout-like layers
-            (``nn.Dropout*``, torchvision's ``StochasticDepth``, timm's ``DropPath``) and
+            (``nn.Dropout*``, ``nn.RReLU``, torchvision's ``StochasticDepth``, timm's
+            ``DropPath``) and
             for modules that draw dropout functionally, gated by their own ``training``
             flag (``nn.MultiheadAttention``; timm and Hugging Face attention, recognised
             by a dropout child or a positive float attribute named ``*drop*``): a frozen
