@@ -6,6 +6,7 @@ import contextlib
 import itertools
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -766,3 +767,102 @@ def test_compiled_model_across_freeze_unfreeze_freeze_matches_eager():
 
     eager, compiled = run(False), run(True)
     assert bitwise_equal(compiled, eager), changed(compiled, eager)
+
+
+class AuxNet(nn.Module):
+    """GoogLeNet / distilled-ViT style: the root's flag picks the output structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.dropout = nn.Dropout(0.5)
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        h = self.dropout(self.body(x))
+        return (h, self.aux(h)) if self.training else h
+
+
+def test_a_container_with_a_dropout_child_keeps_its_training_branches():
+    net = AuxNet().train()
+    with freeze(net, trainable=["aux"]):
+        out = net(torch.randn(3, 4))
+    assert isinstance(out, tuple)  # the aux output of training mode is still there
+    out[1].sum().backward()
+    assert net.aux.weight.grad is not None
+
+
+class NumpyRateCell(nn.Module):
+    def __init__(self, rate: object) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.attn_drop_rate = rate  # e.g. np.linspace(0, p, depth)[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        p = float(self.attn_drop_rate) if self.training else 0.0  # type: ignore[arg-type]
+        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+
+class ScriptedRateCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.attn_drop = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(self.proj(x), self.attn_drop, self.training)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NumpyRateCell(np.float64(0.5)),
+        lambda: NumpyRateCell(np.float32(0.5)),
+        lambda: torch.jit.script(ScriptedRateCell()),
+        lambda: torch.jit.script(
+            nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8, num_layers=2, dropout=0.5))
+        ),
+    ],
+    ids=["numpy-float64", "numpy-float32", "scripted-float-rate", "scripted-lstm"],
+)
+def test_functional_dropout_is_recognised_with_numpy_rates_and_in_torchscript(make):
+    torch.manual_seed(0)
+    module = make().train()
+    x = torch.randn(2, 5, 8)
+
+    def run() -> torch.Tensor:
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    with freeze(module):
+        a, b = run(), run()
+    assert torch.equal(a, b)
+
+
+def test_an_exempt_dropout_child_keeps_its_attention_noise():
+    torch.manual_seed(0)
+    module = FunctionalDropoutAttention("child").train()
+    x = torch.randn(2, 5, 8)
+    with freeze(module, trainable=["attn_drop"]):  # dropout stays a training behaviour
+        a, b = module(x), module(x)
+    assert not torch.equal(a, b)
+
+
+class BufferedAttention(FunctionalDropoutAttention):
+    """Swin style: an index buffer beside functional attention dropout."""
+
+    def __init__(self) -> None:
+        super().__init__("float")
+        self.register_buffer("index", torch.arange(5))
+
+
+@pytest.mark.parametrize(("policy", "deterministic"), [("eval", True), ("train", False)])
+def test_a_buffer_owner_drawing_dropout_follows_the_dropout_policy(policy, deterministic):
+    torch.manual_seed(0)
+    module = BufferedAttention().train()
+    x = torch.randn(2, 5, 8)
+    with freeze(module, dropout=policy):
+        a, b = module(x), module(x)
+    assert torch.equal(a, b) is deterministic
+    assert torch.equal(module.index, torch.arange(5))

@@ -605,6 +605,20 @@ def test_quantization_aware_training_observers_stay_put_while_frozen():
     assert torch.isfinite(out).all()
 
 
+def test_an_observer_that_has_not_observed_yet_is_restored_to_its_empty_buffers():
+    from torch.ao.quantization import PerChannelMinMaxObserver
+
+    observer = PerChannelMinMaxObserver(ch_axis=0)  # min_val / max_val are empty until used
+    model = nn.Sequential(nn.Linear(4, 3), observer)
+    model.train()
+    before = tensors(model)
+    with FROZEN(model, 0):
+        model(torch.randn(8, 4))  # the observer resizes its buffers to 3 channels
+    after = tensors(model)
+    assert all(after[k].shape == before[k].shape for k in before)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
 class _Counter(nn.Module):
     """A module that updates a buffer on every forward, whatever its mode."""
 
@@ -778,3 +792,27 @@ def test_a_failed_entry_leaves_no_weak_reference_on_a_parameter():
     model[1]._parameters["weight"] = real
     assert all(p.requires_grad for p in model.parameters())
     assert not any(weakref.getweakrefs(p) for p in model.parameters())
+
+
+def test_a_keyboard_interrupt_inside_a_frozen_forward_does_not_unpin_later_calls():
+    # torch skips the post-hooks when a forward raises KeyboardInterrupt (they run for
+    # Exception only), so the call stays open; the next call must pin and check again.
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    stop = [True]
+
+    def interrupt(module: nn.Module, args: object) -> None:
+        if stop[0]:
+            stop[0] = False
+            raise KeyboardInterrupt
+
+    model[1].register_forward_pre_hook(interrupt)
+    before = tensors(model)
+    with freeze(model):  # a hold that outlives the interrupted call (a notebook cell)
+        with pytest.raises(KeyboardInterrupt):
+            model(torch.randn(8, 4))
+        model.train()
+        model(torch.randn(8, 4) * 5 + 3)
+        assert [k for k in before if not torch.equal(before[k], tensors(model)[k])] == []
+    assert model[1].training
+    model(torch.randn(8, 4))  # unfrozen: the statistics move again
+    assert not torch.equal(before["b:1.running_mean"], model[1].running_mean)

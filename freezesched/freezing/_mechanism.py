@@ -39,6 +39,7 @@ import fnmatch
 import functools
 import importlib
 import itertools
+import numbers
 import operator
 import signal
 import sys
@@ -127,25 +128,50 @@ def _is_dropout(module: nn.Module) -> bool:
     )
 
 
-def _draws_dropout(module: nn.Module) -> bool:
+#: Attribute names a scripted module's dropout rate is looked up under (TorchScript keeps
+#: attributes in C++, where they cannot be listed).
+_RATE_NAMES = (
+    "dropout", "dropout_p", "dropout_prob", "dropout_rate", "attn_drop", "attn_dropout",
+    "attention_dropout", "drop_rate", "drop_prob", "proj_drop", "p_drop",
+)  # fmt: skip
+
+
+def _is_rate(value: object) -> bool:
+    """A positive non-integer real (``float``, NumPy floats): a dropout probability."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, numbers.Integral)
+        and float(value) > 0
+    )
+
+
+def _draws_dropout(module: nn.Module, exempt: Callable[[str, nn.Module], bool]) -> bool:
     """Whether ``module``'s own forward may draw dropout noise gated by its ``training``.
 
-    Attention modules apply dropout functionally, for example
+    Attention and recurrent cells apply dropout functionally, for example
     ``F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training
-    else 0.0)`` (timm, Hugging Face) or ``F.multi_head_attention_forward(...,
-    training=self.training)`` (``nn.MultiheadAttention``): putting only their dropout
-    children in eval mode leaves that noise on. Recognised: ``nn.MultiheadAttention``, a
-    module with a dropout layer as a direct child, and a module with a positive ``float``
+    else 0.0)`` (timm, Hugging Face), ``F.multi_head_attention_forward(...,
+    training=self.training)`` (``nn.MultiheadAttention``) or between the layers of an
+    ``nn.LSTM``: putting only their dropout children in eval mode leaves that noise on.
+    Recognised: ``nn.MultiheadAttention`` and ``nn.RNNBase`` with a positive ``dropout``;
+    and a *cell*, a module whose children (if any) have no children of their own, with a
+    dropout child that is not a trainable exception (``exempt``) or a positive real
     attribute whose name mentions ``drop`` (``dropout``, ``dropout_prob``, ``attn_drop``).
+    Containers are never switched: their flag can gate more than noise (GoogLeNet's
+    auxiliary outputs, a distilled ViT's two heads).
     """
-    if isinstance(module, nn.MultiheadAttention) or _script_name(module) == "MultiheadAttention":
+    if isinstance(module, nn.MultiheadAttention | nn.RNNBase) or _script_name(module) in {
+        "MultiheadAttention", "RNN", "LSTM", "GRU",
+    }:  # fmt: skip
+        return _is_rate(getattr(module, "dropout", 0.0))
+    children = [(n, c) for n, c in module._modules.items() if c is not None]
+    if any(len(c._modules) for _, c in children):
+        return False
+    if any(_is_dropout(c) and not exempt(n, c) for n, c in children):
         return True
-    if any(child is not None and _is_dropout(child) for _, child in module._modules.items()):
-        return True
-    return any(
-        type(value) is float and value > 0 and "drop" in name.lower()
-        for name, value in vars(module).items()
-    )
+    if _is_scripted(module):
+        return any(_is_rate(getattr(module, n, None)) for n in _RATE_NAMES)
+    return any(_is_rate(v) and "drop" in k.lower() for k, v in vars(module).items())
 
 
 def _quant_kind(module: nn.Module) -> int:
@@ -492,6 +518,13 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
             slots.append((sub, pname, param))
         if exempt:
             continue
+
+        def exempt_child(
+            child_name: str, child: nn.Module, name: str = name, parent: nn.Module = sub
+        ) -> bool:
+            qualified = f"{name}.{child_name}" if name else child_name
+            return bool(specs) and bool(_matches(qualified, child, parent, specs))
+
         kinds = 0
         if _is_norm(sub):
             kinds = EVAL | CHECK if policy.bn == "eval" else 0
@@ -502,8 +535,11 @@ def plan_freeze(module: nn.Module, policy: FreezePolicy) -> Plan:
             if quant:
                 kinds = quant | CHECK if quant == OBSERVER else quant
             elif _has_buffers(sub):
-                kinds = EVAL | CHECK
-            elif policy.dropout == "eval" and _draws_dropout(sub):
+                # Eval keeps the buffers still; under dropout="train" a module that also
+                # draws dropout keeps its mode, and its buffers are checked instead.
+                noisy = policy.dropout == "train" and _draws_dropout(sub, exempt_child)
+                kinds = CHECK if noisy else EVAL | CHECK
+            elif policy.dropout == "eval" and _draws_dropout(sub, exempt_child):
                 kinds = EVAL  # functional dropout (attention) follows its own flag
         if _is_scripted(sub):
             if parent is None or not _is_scripted(parent):
@@ -614,10 +650,16 @@ class _Static:
 
 
 class _Call:
-    __slots__ = ("depth", "module", "observer", "snapshot", "training", "versions")
+    __slots__ = (
+        "depth", "frame", "module", "observer", "snapshot", "thread", "training", "versions",
+    )  # fmt: skip
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, frame: FrameType | None) -> None:
         self.module = module
+        # The frame of torch's ``_call_impl`` that opened the call, and its thread: a call
+        # whose frame is no longer running was cut short (below).
+        self.frame = frame
+        self.thread = threading.get_ident()
         self.depth = 0
         self.training: bool | None = None
         self.observer: int | None = None
@@ -812,8 +854,15 @@ def _pre_hook(module: nn.Module, args: Any) -> None:
         return
     with _LOCK:
         call = _CALLS.get(id(module))
+        if call is not None and _cut_short(call):
+            # A KeyboardInterrupt inside an earlier call of this module skipped torch's
+            # post-hook (it runs for Exception only): close that call, so that this one
+            # pins the mode and checks the buffers again.
+            while _CALLS.get(id(module)) is call:
+                _close_call(id(module))
+            call = None
         if call is None:
-            call = _Call(module)
+            call = _Call(module, sys._getframe(1))
             kinds = entry.kinds
             if kinds & EVAL:
                 call.training = module.training
@@ -835,6 +884,18 @@ def _pre_hook(module: nn.Module, args: Any) -> None:
             _CALLS[id(module)] = call
         call.depth += 1
         _open_calls().append(id(module))
+
+
+def _cut_short(call: _Call) -> bool:
+    """Whether ``call`` was opened in this thread by a frame that is no longer running."""
+    if call.thread != threading.get_ident() or call.frame is None:
+        return False
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame is call.frame:
+            return False  # a nested call of the same module (recursion)
+        frame = frame.f_back
+    return True
 
 
 def _post_hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -879,6 +940,8 @@ def _close_call(key: int) -> list[str]:
                 buffer = _get(module._buffers, k)
                 if buffer is not None:
                     with torch.no_grad():
+                        if buffer.shape != saved.shape:  # a first observation resizes it
+                            buffer.resize_(saved.shape)
                         buffer.copy_(saved)
         if call.observer is not None:
             enabled: torch.Tensor = module.observer_enabled  # type: ignore[assignment]

@@ -99,10 +99,10 @@ class FreezePolicy:
             (``nn.Dropout*``, ``nn.RReLU``, torchvision's ``StochasticDepth``, timm's
             ``DropPath``) and
             for modules that draw dropout functionally, gated by their own ``training``
-            flag (``nn.MultiheadAttention``; timm and Hugging Face attention, recognised
-            by a dropout child or a positive float attribute named ``*drop*``): a frozen
-            module is a deterministic feature extractor. ``"train"`` leaves them alone
-            (frozen features with dropout noise).
+            flag (``nn.MultiheadAttention``, ``nn.LSTM``; timm and Hugging Face attention
+            cells, recognised by a dropout child or a positive rate attribute named
+            ``*drop*``): a frozen module is a deterministic feature extractor.
+            ``"train"`` leaves them alone (frozen features with dropout noise).
         trainable: Exceptions that stay trainable inside a frozen module: glob patterns
             (:func:`fnmatch.fnmatchcase`, ``*`` also matches dots) on qualified names
             relative to the frozen module, and module types. A pattern matching a
