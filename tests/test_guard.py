@@ -783,6 +783,29 @@ class AuxNet(nn.Module):
         return (h, self.aux(h)) if self.training else h
 
 
+class HeadRateNet(nn.Module):
+    """timm classifier style: the root draws dropout from its own rate in its head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.drop_rate = 0.5
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.dropout(self.body(x), p=self.drop_rate, training=self.training)
+        return self.fc(h)
+
+
+def test_a_container_holding_its_own_dropout_rate_is_deterministic_while_frozen():
+    torch.manual_seed(0)
+    net = HeadRateNet().train()
+    x = torch.randn(16, 4)
+    with freeze(net):
+        a, b = net(x), net(x)
+    assert torch.equal(a, b)
+
+
 def test_a_container_with_a_dropout_child_keeps_its_training_branches():
     net = AuxNet().train()
     with freeze(net, trainable=["aux"]):

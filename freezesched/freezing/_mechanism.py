@@ -154,24 +154,26 @@ def _draws_dropout(module: nn.Module, exempt: Callable[[str, nn.Module], bool]) 
     training=self.training)`` (``nn.MultiheadAttention``) or between the layers of an
     ``nn.LSTM``: putting only their dropout children in eval mode leaves that noise on.
     Recognised: ``nn.MultiheadAttention`` and ``nn.RNNBase`` with a positive ``dropout``;
-    and a *cell*, a module whose children (if any) have no children of their own, with a
-    dropout child that is not a trainable exception (``exempt``) or a positive real
-    attribute whose name mentions ``drop`` (``dropout``, ``dropout_prob``, ``attn_drop``).
-    Containers are never switched: their flag can gate more than noise (GoogLeNet's
-    auxiliary outputs, a distilled ViT's two heads).
+    a module with a positive real attribute whose name mentions ``drop`` (``dropout``,
+    ``dropout_prob``, ``attn_drop``, timm's ``drop_rate``); and a *cell*, a module whose
+    children have no children of their own, with a dropout child that is not a trainable
+    exception (``exempt``). A container is not switched for its dropout children (it calls
+    them as modules, which are pinned themselves): its flag can gate more than noise
+    (GoogLeNet's auxiliary outputs, a distilled ViT's two heads).
     """
     if isinstance(module, nn.MultiheadAttention | nn.RNNBase) or _script_name(module) in {
         "MultiheadAttention", "RNN", "LSTM", "GRU",
     }:  # fmt: skip
         return _is_rate(getattr(module, "dropout", 0.0))
+    if _is_scripted(module):
+        if any(_is_rate(getattr(module, n, None)) for n in _RATE_NAMES):
+            return True
+    elif any(_is_rate(v) and "drop" in k.lower() for k, v in vars(module).items()):
+        return True  # its own rate: timm's heads, F.dropout(x, self.drop_rate, self.training)
     children = [(n, c) for n, c in module._modules.items() if c is not None]
     if any(len(c._modules) for _, c in children):
-        return False
-    if any(_is_dropout(c) and not exempt(n, c) for n, c in children):
-        return True
-    if _is_scripted(module):
-        return any(_is_rate(getattr(module, n, None)) for n in _RATE_NAMES)
-    return any(_is_rate(v) and "drop" in k.lower() for k, v in vars(module).items())
+        return False  # a container calls its dropout children as modules (pinned there)
+    return any(_is_dropout(c) and not exempt(n, c) for n, c in children)
 
 
 def _quant_kind(module: nn.Module) -> int:
