@@ -211,14 +211,14 @@ def _refusing_unrecorded_modes() -> Iterator[None]:
 
         return switch
 
-    def refusing_apply(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def refused(cls: type, *args: Any, **kwargs: Any) -> Any:
-            name = cls.__qualname__
-            refuse(f"calls {name}.apply (a custom torch.autograd.Function), whose backward")
-            return original(cls, *args, **kwargs)
+    def refused_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        name = cls.__qualname__
+        refuse(f"calls {name}.apply (a custom torch.autograd.Function), whose backward")
+        # ``apply`` is a Python classmethod on some torch versions and a C one on others;
+        # both bind to ``cls`` through the descriptor protocol.
+        return apply.__get__(None, cls)(*args, **kwargs)  # type: ignore[union-attr]
 
-        return refused
+    refused_apply.__wrapped__ = apply  # type: ignore[attr-defined]
 
     try:
         for cls, attr, original, name in methods:
@@ -226,11 +226,11 @@ def _refusing_unrecorded_modes() -> Iterator[None]:
         for owner, attr, function in functions:
             prefix = "torch._C" if owner is torch._C else "torch"
             setattr(owner, attr, refusing_function(function, f"{prefix}.{attr}"))
-        if isinstance(apply, classmethod):
-            setattr(function_cls, "apply", classmethod(refusing_apply(apply.__func__)))  # noqa: B010
+        if apply is not None:
+            setattr(function_cls, "apply", classmethod(refused_apply))  # noqa: B010
         yield
     finally:
-        if isinstance(apply, classmethod):
+        if apply is not None:
             setattr(function_cls, "apply", apply)  # noqa: B010
         for owner, attr, function in functions:
             setattr(owner, attr, function)
