@@ -568,6 +568,7 @@ def _norms_outside_graph(
     return out
 
 
+@torch.inference_mode(False)
 def build_twin(
     module: nn.Module,
     *,
@@ -592,32 +593,9 @@ def build_twin(
         dtype: Cast floating parameters and buffers to this dtype (``None``: keep).
         compile: Compile with inductor, weights frozen into constants.
     """
-    # Built outside inference mode: a twin holding inference tensors could not be used
-    # later with autograd (a frozen middle stage passing the input gradient back).
-    with torch.inference_mode(False):
-        return _build_twin(
-            module,
-            eval_ids=eval_ids,
-            strip=strip,
-            example=example,
-            fold_bn=fold_bn,
-            channels_last=channels_last,
-            dtype=dtype,
-            compile=compile,
-        )
-
-
-def _build_twin(
-    module: nn.Module,
-    *,
-    eval_ids: set[int],
-    strip: Iterable[object],
-    example: tuple[torch.Tensor, ...],
-    fold_bn: bool,
-    channels_last: bool,
-    dtype: torch.dtype | None,
-    compile: bool,
-) -> Twin:
+    # Built outside inference mode (the decorator): a twin holding inference tensors
+    # could not be used later with autograd (a frozen middle stage passing the input
+    # gradient back).
     twin = copy_module(module, strip)
     twin.requires_grad_(False)
     originals = dict(module.named_modules(remove_duplicate=False))
